@@ -1,0 +1,8 @@
+"""Backbones: load a pretrained model and capture what the papers read from it."""
+
+from segbook.backbones.base import Backbone, Capture, LayerCapture, resolve_device
+from segbook.backbones.weights import resolve_weights
+from segbook.errors import MissingWeightsError
+
+__all__ = ["Backbone", "Capture", "LayerCapture", "resolve_device", "resolve_weights",
+           "MissingWeightsError"]

@@ -1,0 +1,43 @@
+"""The datasets root (``$SEGBOOK_DATA``) and the check that a dataset's files are there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from segbook.errors import MissingDatasetError
+
+DATA_ENV = "SEGBOOK_DATA"
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """``root`` if given, else ``$SEGBOOK_DATA``, else ``~/segbook-data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path.home() / "segbook-data"
+
+
+def require_files(name: str, files: Iterable[str], root: str | os.PathLike | None = None,
+                  manifest: str | os.PathLike | None = None, instructions: str | None = None,
+                  show: int = 10) -> Path:
+    """Return the dataset directory ``<root>/<name>`` when every file in ``files`` (paths
+    relative to it) exists; otherwise raise :class:`MissingDatasetError` listing the
+    missing files (the first ``show`` of them and a count), the manifest and its
+    instructions."""
+    base = data_root(root) / name
+    missing = [f for f in files if not (base / f).exists()]
+    if not missing:
+        return base
+    listed = "\n".join(f"    {m}" for m in missing[:show])
+    more = f"\n    ... and {len(missing) - show} more" if len(missing) > show else ""
+    lines = [f"Dataset '{name}' is missing {len(missing)} file(s) under {base}:", listed + more]
+    if manifest:
+        lines.append(f"Manifest: {manifest}")
+    if instructions:
+        lines.append("To get it:\n" + instructions.rstrip())
+    lines.append(f"Set {DATA_ENV} to the directory that holds '{name}/' "
+                 f"(currently {os.environ.get(DATA_ENV, 'unset')}), then run "
+                 f"`python -m segbook.data prepare {name}`.")
+    raise MissingDatasetError(name, "\n".join(lines), missing)

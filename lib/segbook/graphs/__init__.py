@@ -1,0 +1,1 @@
+"""segbook.graphs"""
