@@ -1,8 +1,12 @@
 """Backbones: load a pretrained model and capture what the papers read from it."""
 
 from segbook.backbones.base import Backbone, Capture, LayerCapture, resolve_device
+from segbook.backbones.registry import available_backbones, load_backbone, register_backbone
 from segbook.backbones.weights import resolve_weights
 from segbook.errors import MissingWeightsError
 
 __all__ = ["Backbone", "Capture", "LayerCapture", "resolve_device", "resolve_weights",
-           "MissingWeightsError"]
+           "MissingWeightsError", "available_backbones", "load_backbone", "register_backbone"]
+
+# Registry entries are added by the modules that implement them (diffusion.py, vit.py,
+# cnn.py); each registers lazily with a "module:function" loader string.
