@@ -8,5 +8,4 @@ from segbook.errors import MissingWeightsError
 __all__ = ["Backbone", "Capture", "LayerCapture", "resolve_device", "resolve_weights",
            "MissingWeightsError", "available_backbones", "load_backbone", "register_backbone"]
 
-# Registry entries are added by the modules that implement them (diffusion.py, vit.py,
-# cnn.py); each registers lazily with a "module:function" loader string.
+from segbook.backbones import catalog as _catalog  # noqa: E402,F401  (registers the entries)
