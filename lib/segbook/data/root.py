@@ -21,12 +21,14 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 def require_files(name: str, files: Iterable[str], root: str | os.PathLike | None = None,
                   manifest: str | os.PathLike | None = None, instructions: str | None = None,
-                  show: int = 10) -> Path:
-    """Return the dataset directory ``<root>/<name>`` when every file in ``files`` (paths
+                  show: int = 10, directory: str | None = None) -> Path:
+    """Return the dataset directory ``<root>/<directory>`` (``directory`` defaults to
+    ``name``; two datasets may share one folder) when every file in ``files`` (paths
     relative to it) exists; otherwise raise :class:`MissingDatasetError` listing the
     missing files (the first ``show`` of them and a count), the manifest and its
     instructions."""
-    base = data_root(root) / name
+    directory = directory or name
+    base = data_root(root) / directory
     missing = [f for f in files if not (base / f).exists()]
     if not missing:
         return base
@@ -37,7 +39,7 @@ def require_files(name: str, files: Iterable[str], root: str | os.PathLike | Non
         lines.append(f"Manifest: {manifest}")
     if instructions:
         lines.append("To get it:\n" + instructions.rstrip())
-    lines.append(f"Set {DATA_ENV} to the directory that holds '{name}/' "
+    lines.append(f"Set {DATA_ENV} to the directory that holds '{directory}/' "
                  f"(currently {os.environ.get(DATA_ENV, 'unset')}), then run "
                  f"`python -m segbook.data prepare {name}`.")
     raise MissingDatasetError(name, "\n".join(lines), missing)
