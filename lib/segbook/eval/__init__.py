@@ -1,1 +1,18 @@
-"""segbook.eval"""
+"""Scoring unsupervised segmentations: matching protocols and metrics (chapter 05).
+
+>>> from segbook.eval import evaluate
+>>> scores = evaluate(preds, gts, "per_image", num_classes=27)   # doctest: +SKIP
+>>> scores.miou, scores.pixel_accuracy, scores.f1, scores.per_class_iou  # doctest: +SKIP
+"""
+
+from segbook.eval.centreline import CentrelineScores, centreline, centreline_iou
+from segbook.eval.confusion import image_confusion
+from segbook.eval.matching import (count_outcomes, diffseg_code_outcomes, hungarian_assignment,
+                                   majority_assignment)
+from segbook.eval.protocols import PROTOCOLS, Scores, evaluate, matched_prediction
+
+__all__ = [
+    "evaluate", "Scores", "PROTOCOLS", "matched_prediction", "centreline_iou",
+    "CentrelineScores", "centreline", "hungarian_assignment", "majority_assignment",
+    "count_outcomes", "diffseg_code_outcomes", "image_confusion",
+]
