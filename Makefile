@@ -45,8 +45,11 @@ golden: $(STAMP)
 	$(PY) -m segbook.book.golden $(if $(CHAPTERS),--chapters $(CHAPTERS),)
 
 ## make lab: JupyterLab on book/, chapters open as notebooks (jupytext)
+# The overrides make a double click on a chapter (.md) open it as a notebook (jupytext).
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp book/lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	cd book && ../$(PY) -m jupyter lab
 
 ## make bench: the benchmarks that write results/cpu/bench/*.csv
