@@ -38,7 +38,7 @@ def test_missing_weights_name_the_id_the_variable_and_the_command(offline, monke
     msg = str(info.value)
     assert info.value.model_id == "CompVis/stable-diffusion-v1-4"
     assert "CompVis/stable-diffusion-v1-4" in msg and "SEGBOOK_WEIGHTS" in msg
-    assert "huggingface-cli download CompVis/stable-diffusion-v1-4" in msg
+    assert "hf download CompVis/stable-diffusion-v1-4" in msg
     assert "offline" in msg
 
 

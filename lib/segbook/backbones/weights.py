@@ -54,7 +54,7 @@ def missing_weights_message(model_id: str, allow_patterns: list[str] | None = No
         f"Weights for '{model_id}'{what} are not on this machine.",
         "Looked in: " + "; ".join(tried or []) + ".",
         "On a machine that is online, run:",
-        f"    huggingface-cli download {model_id} --local-dir {target}",
+        f"    hf download {model_id} --local-dir {target}",
         f"then copy that directory here and set {WEIGHTS_ENV} to its parent "
         f"(currently {'unset' if root is None else root}).",
     ]
