@@ -56,7 +56,7 @@ def _list(root) -> int:
         folder = base / m.directory
         stamp = folder / ".segbook" / f"{name}.{spec.name}.json"
         state = "prepared" if stamp.is_file() else ("present, not prepared" if folder.is_dir() else "missing")
-        print(f"  {name:14s} {m.directory + '/':14s} split {spec.name:10s} {str(spec.count):>5s} images  {state}")
+        print(f"  {name:14s} {m.directory + '/':14s} split {spec.name:10s} {spec.count!s:>5s} images  {state}")
     return 0
 
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -125,7 +125,7 @@ def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     h, w = array.shape[:2]
     if h < size or w < size:
         raise ValueError(f"Cannot centre-crop {size} x {size} out of {h} x {w}.")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
     return array[top:top + size, left:left + size]
 
 
@@ -251,7 +251,8 @@ def list_samples(name: str, split: str | None = None, root: str | os.PathLike | 
     m = load_manifest(name)
     spec = m.split(split)
     base = data_root(root) / m.directory
-    where = dict(root=root, manifest=str(m.path), instructions=m.instructions(), directory=m.directory)
+    where = {"root": root, "manifest": str(m.path), "instructions": m.instructions(),
+             "directory": m.directory}
     records: list[SampleRecord] = []
     if spec.list is not None:
         require_files(name, [spec.list], **where)

@@ -159,7 +159,7 @@ def read_table(filename: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str, path: str, mtime_ns: int) -> Manifest:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -212,7 +212,7 @@ def _validate(m: Manifest) -> None:
         raise ManifestError(f"Manifest {m.path}: class table {d['labels']['classes']} must list ids "
                             f"0..{m.num_classes - 1} exactly once.")
     lut = m.label_lut()
-    produced = set(int(v) for v in np.unique(lut) if v >= 0)
+    produced = {int(v) for v in np.unique(lut) if v >= 0}
     if produced != set(range(m.num_classes)):
         never = sorted(set(range(m.num_classes)) - produced)
         raise ManifestError(f"Manifest {m.path}: the label mapping never produces class(es) {never}.")
@@ -225,7 +225,7 @@ def _int(value, where: str) -> int:
         raise ManifestError(f"{where}: '{value}' is not an integer.") from exc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _label_lut(name: str, path: str, mtime_ns: int) -> np.ndarray:
     with open(path, encoding="utf-8") as fh:
         labels: dict[str, Any] = yaml.safe_load(fh)["labels"]

@@ -153,7 +153,7 @@ def prepare(name: str, root: str | os.PathLike | None = None, split: str | None 
     summary: dict[str, Any] = {
         "dataset": name, "split": spec.name, "folder": str(base), "images": len(records),
         "expected": spec.count, "manifest_sha256": file_digest(m.path),
-        "prepared_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "prepared_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     groups: dict[str, dict[str, int]] = {}
     for rec in records:
