@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from segbook.data import DATASETS, IGNORE_INDEX, Preprocess, load
-from segbook.data.datasets import center_crop, resize_label
+from segbook.data.datasets import resize_label
 from segbook.data.fake_trees import FAKE_RAW_VALUES, FAKE_SIZE, write_fake_dataset
 from segbook.errors import CorruptFileError, MissingDatasetError
 
@@ -184,11 +184,12 @@ def test_resize_label_is_nearest_and_crop_matches_torchvision():
     up = resize_label(label, (4, 6))
     np.testing.assert_array_equal(up, np.kron(label, np.ones((2, 2), dtype=np.int64)))
     assert up.dtype == np.int64 and set(np.unique(up)) == set(np.unique(label))
-    assert center_crop(np.arange(25).reshape(5, 5), 2).tolist() == [[12, 13], [17, 18]]
-    p = Preprocess("short_side", 320, center_crop=True)
-    assert p.resized_shape(480, 640) == (320, 426) and p.resized_shape(640, 480) == (426, 320)
-    assert Preprocess("long_side", 640).resized_shape(375, 1242) == (193, 640)
+    p = Preprocess("short_side", 320, crop="center")
+    assert p.resized_shape(480, 640) == (320, 427) and p.resized_shape(640, 480) == (427, 320)
+    assert Preprocess("longest_side", 640).resized_shape(375, 1242) == (193, 640)
     with pytest.raises(ValueError):
         Preprocess("fit", 10)
+    with pytest.raises(ValueError):
+        Preprocess("square", 10, crop="top")
     with pytest.raises(ValueError, match="stego320"):
         load("voc2012", preprocess="stego")

@@ -18,8 +18,8 @@ outside the encoding raises :class:`~segbook.errors.CorruptFileError` naming it.
 
 Preprocessing follows the papers (``PRESETS``): STEGO / PiCIE's short side 320 + centre crop
 (``stego320``), Stable Diffusion's 512 x 512 (``square512``), EASe's 640 px longest side
-(``long640``). Images are resampled as the preset says; label maps only ever by nearest
-neighbour.
+(``long640``). The geometry is that of ``segbook.backbones.images`` (imported when the first
+image is read, since it brings torch); label maps are only ever resized by nearest neighbour.
 """
 
 from __future__ import annotations
@@ -61,82 +61,65 @@ class SampleRecord:
 
 # --------------------------------------------------------------------------- preprocessing
 
-_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """A resize (and optional centre crop) applied to image and label alike.
 
-    kind : ``"short_side"`` (short side to ``size``, aspect kept, long side truncated as
-        torchvision's ``Resize(int)`` does), ``"long_side"`` (long side to ``size``, aspect
-        kept, short side rounded) or ``"square"`` (``size`` x ``size``, aspect not kept).
-    center_crop : crop the centre ``size`` x ``size`` after resizing (torchvision's
-        ``CenterCrop`` offsets).
-    image_resample : ``"nearest"``, ``"bilinear"`` or ``"bicubic"`` for the image; the label
-        is always resized by nearest neighbour.
+    The geometry is that of :func:`segbook.backbones.images.resize_and_crop`, the library's
+    one image loader, so ``load(name, preprocess="stego320")`` gives the same pixels as
+    ``load_image(path, rule="stego320")`` (up to the image filter, see ``PRESETS``).
+
+    mode : ``"short_side"`` (short side to ``size``, aspect kept), ``"longest_side"`` (long
+        side to ``size``, aspect kept) or ``"square"`` (``size`` x ``size``).
+    crop : None or ``"center"`` (the centre ``size`` x ``size`` after resizing).
+    image_resample : the image filter (``"nearest"``, ``"bilinear"``, ``"bicubic"``, ...);
+        label maps are always resized by nearest neighbour.
     """
 
-    kind: str
+    mode: str
     size: int
-    center_crop: bool = False
+    crop: str | None = None
     image_resample: str = "bilinear"
 
     def __post_init__(self):
-        if self.kind not in ("short_side", "long_side", "square"):
-            raise ValueError(f"Preprocess kind must be short_side, long_side or square, not {self.kind!r}.")
-        if self.image_resample not in _RESAMPLE:
-            raise ValueError(f"image_resample must be one of {sorted(_RESAMPLE)}, not {self.image_resample!r}.")
-        if int(self.size) <= 0:
-            raise ValueError(f"Preprocess size must be positive, not {self.size}.")
+        if self.mode not in ("short_side", "longest_side", "square"):
+            raise ValueError(f"Preprocess mode must be short_side, longest_side or square, "
+                             f"not {self.mode!r}.")
+        if self.crop not in (None, "center"):
+            raise ValueError(f"Preprocess crop must be None or 'center', not {self.crop!r}.")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
+            raise ValueError(f"Preprocess size must be a positive int, not {self.size!r}.")
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after the resize, before any crop."""
-        s = int(self.size)
-        if self.kind == "square":
-            return s, s
-        if self.kind == "short_side":
-            if height <= width:
-                return s, int(s * width / height)
-            return int(s * height / width), s
-        scale = s / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        from segbook.backbones.images import target_size
+        return target_size(height, width, self.mode, self.size)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h, w = self.resized_shape(*image.shape[:2])
-        image = np.asarray(Image.fromarray(image).resize((w, h), _RESAMPLE[self.image_resample]))
-        label = resize_label(label, (h, w))
-        if self.center_crop:
-            image, label = center_crop(image, self.size), center_crop(label, self.size)
+        from segbook.backbones.images import resize_and_crop
+        image = resize_and_crop(image, self.mode, self.size, self.crop, resample=self.image_resample)
+        label = resize_and_crop(label, self.mode, self.size, self.crop, resample="nearest")
         return image, label
 
 
 def resize_label(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer label map to ``shape`` = (height, width)."""
-    h, w = shape
-    if label.shape == (h, w):
-        return label
-    resized = Image.fromarray(label.astype(np.int32), mode="I").resize((w, h), Image.NEAREST)
-    return np.asarray(resized).astype(label.dtype)
-
-
-def center_crop(array: np.ndarray, size: int) -> np.ndarray:
-    """The centre ``size`` x ``size`` window (torchvision's rounding of the offsets)."""
-    h, w = array.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"Cannot centre-crop {size} x {size} out of {h} x {w}.")
-    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
-    return array[top:top + size, left:left + size]
+    """Nearest-neighbour resize of a label map to ``shape`` = (height, width); values and
+    dtype are kept."""
+    from segbook.backbones.images import resize_and_crop
+    return resize_and_crop(label, "exact", tuple(shape), resample="nearest")
 
 
 PRESETS: dict[str, Preprocess] = {
-    # STEGO / PiCIE evaluation (paper 2, COCO-Stuff-27 and Cityscapes): short side 320 with
-    # nearest resampling for image and label, then the centre 320 x 320.
-    "stego320": Preprocess("short_side", 320, center_crop=True, image_resample="nearest"),
+    # STEGO / PiCIE evaluation (paper 2, COCO-Stuff-27 and Cityscapes): short side 320, then
+    # the centre 320 x 320. STEGO resizes the image with nearest neighbour too.
+    "stego320": Preprocess("short_side", 320, crop="center", image_resample="nearest"),
     # Stable Diffusion inputs (paper 1, DiffSeg, DiffCut): 512 x 512.
-    "square512": Preprocess("square", 512, image_resample="bilinear"),
-    # EASe: longest side 640 px, aspect ratio kept.
-    "long640": Preprocess("long_side", 640, image_resample="bilinear"),
+    "square512": Preprocess("square", 512),
+    # EASe: longest side 640 px, aspect ratio kept ("ease640" in segbook.backbones.images).
+    "long640": Preprocess("longest_side", 640),
+    "ease640": Preprocess("longest_side", 640),
+    # Layer-distributed spectral clustering, dataset level: short side 448.
+    "short448": Preprocess("short_side", 448),
 }
 
 
@@ -154,16 +137,11 @@ def resolve_preprocess(preprocess: str | Preprocess | None) -> Preprocess | None
 # --------------------------------------------------------------------------- file readers
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB (H x W x 3). EXIF orientation is not applied, since the
-    label maps are aligned with the stored pixels."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptFileError(path, f"Cannot decode image {path}: {exc}") from exc
+    """An image file as uint8 RGB (H x W x 3), decoded by the library's one loader
+    (:func:`segbook.backbones.images.load_image`). EXIF orientation is not applied: the label
+    maps are aligned with the stored pixels."""
+    from segbook.backbones.images import load_image
+    return load_image(path, exif=False)
 
 
 def read_raw_label(path: str | os.PathLike) -> np.ndarray:
