@@ -15,9 +15,12 @@ Conventions (all backbones):
 * Q, K, V are ``(H, N, d)``; features are ``(C, h, w)``; all on the CPU unless the caller
   asks to keep them on the device.
 * Memory: at a 64 x 64 grid one ``(N, N)`` map is 4096^2 entries = 64 MiB in float32,
-  32 MiB in float16; Stable Diffusion 1.4 has 8 heads and 16 self-attention layers, so
-  keeping every head of every layer in float32 costs 8 GiB. Backbones therefore sum heads
-  on the fly and store float16 by default; keeping heads or float32 must be asked for.
+  32 MiB in float16. Stable Diffusion 1.4 has 16 self-attention layers of 8 heads (5 at
+  64 x 64, 5 at 32 x 32, 5 at 16 x 16, 1 at 8 x 8), so keeping every head of every layer
+  costs 2.7 GiB in float32 (1.3 GiB in float16) against 171 MiB with heads reduced in
+  float16 (see :class:`segbook.backbones.capture.CaptureOptions`). Backbones therefore
+  reduce heads on the fly and store float16 by default; keeping heads or float32 must be
+  asked for.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class LayerCapture:
     features : the block's output, ``(C, h, w)``, only when asked for.
     heads : number of heads the layer has (whether or not they were kept).
     reduction : how heads were reduced: ``"sum"``, ``"mean"`` or ``"none"``.
+    prefix_tokens : CLS/register tokens kept in front of the ``h * w`` patch tokens in
+        ``attn``, ``logits`` and ``q``/``k``/``v`` (0 unless a ViT capture asked to keep them).
     """
 
     name: str
@@ -57,6 +62,7 @@ class LayerCapture:
     features: torch.Tensor | None = None
     heads: int = 1
     reduction: str = "sum"
+    prefix_tokens: int = 0
 
     @property
     def resolution(self) -> int:
