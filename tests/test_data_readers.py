@@ -193,3 +193,14 @@ def test_resize_label_is_nearest_and_crop_matches_torchvision():
         Preprocess("square", 10, crop="top")
     with pytest.raises(ValueError, match="stego320"):
         load("voc2012", preprocess="stego")
+
+
+def test_shards_partition_the_split_and_keep_global_indices(tmp_path):
+    write_fake_dataset("omnicrack30k", tmp_path, n=5)
+    ds = _load("omnicrack30k", tmp_path)
+    parts = [ds.shard(r, 2) for r in range(2)]
+    assert [len(p) for p in parts] == [3, 2]
+    seen = sorted((meta["index"], meta["id"]) for p in parts for _, _, meta in p)
+    assert seen == [(i, r.id) for i, r in enumerate(ds.records)]
+    with pytest.raises(ValueError):
+        ds.shard(2, 2)

@@ -24,6 +24,7 @@ image is read, since it brings torch); label maps are only ever resized by neare
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -308,6 +309,7 @@ class SegmentationDataset(Sequence):
         self.records = list_samples(name, self.split, root, strict=strict)
         if limit is not None:
             self.records = self.records[:int(limit)]
+        self.positions = list(range(len(self.records)))  # index of each record in the split
         self._lut = self.manifest.label_lut()
 
     num_classes = property(lambda self: self.manifest.num_classes)
@@ -317,6 +319,17 @@ class SegmentationDataset(Sequence):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def shard(self, rank: int, world_size: int) -> SegmentationDataset:
+        """The part of the split that rank ``rank`` of ``world_size`` reads under torchrun:
+        every ``world_size``-th sample from ``rank``. ``meta["index"]`` stays the position in
+        the whole split, so per-rank outputs can be merged."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, not {rank}.")
+        part = copy.copy(self)
+        part.records = self.records[rank::world_size]
+        part.positions = self.positions[rank::world_size]
+        return part
 
     def __getitem__(self, index: int) -> Sample:
         if isinstance(index, slice):
@@ -331,7 +344,8 @@ class SegmentationDataset(Sequence):
         original = image.shape[:2]
         if self.preprocess is not None:
             image, label = self.preprocess(image, label)
-        meta = {"dataset": self.name, "split": self.split, "id": rec.id, "index": index,
+        meta = {"dataset": self.name, "split": self.split, "id": rec.id,
+                "index": self.positions[index],
                 "image_path": str(rec.image), "label_path": str(rec.label),
                 "original_size": tuple(original), "size": tuple(image.shape[:2]),
                 "preprocess": self.preprocess_name, "num_classes": self.num_classes,
