@@ -65,10 +65,13 @@ class ImageNetPrediction:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names in index order (from torchvision's metadata)."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return list(_IMAGENET_CATEGORIES)
+    """The 1000 ImageNet-1k class names in index order (``imagenet_classes.txt`` beside this
+    module: the names torchvision uses, copied so that classifying needs no torchvision import)."""
+    text = (Path(__file__).with_name("imagenet_classes.txt")).read_text(encoding="utf-8")
+    labels = text.splitlines()
+    if len(labels) != 1000:  # pragma: no cover - a damaged install
+        raise RuntimeError(f"imagenet_classes.txt has {len(labels)} names, expected 1000")
+    return labels
 
 
 class EfficientNetLite0(CNNBackbone):

@@ -115,9 +115,16 @@ def load_hed_weights(net: HEDNet, path: str | Path) -> HEDNet:
         with torch.no_grad():
             param.copy_(tensor)
 
+    def read(h5, key: str) -> np.ndarray:
+        if key not in h5:
+            raise CorruptFileError(path, f"{path}: the HED weights lack the array {key}")
+        return h5[key][()]
+
     try:
         with h5py.File(path, "r") as h5:
             for b, (_, _, n) in enumerate(_STAGES, start=1):
+                if f"block{b}/layers" not in h5:
+                    raise CorruptFileError(path, f"{path}: the HED weights lack block{b}")
                 group = h5[f"block{b}/layers"]
                 by_name = {group[key]["vars"].attrs.get("name"): group[key]["vars"] for key in group
                            if key.startswith("conv2d")}
@@ -127,12 +134,12 @@ def load_hed_weights(net: HEDNet, path: str | Path) -> HEDNet:
                     if name not in by_name:
                         raise CorruptFileError(path, f"{path}: layer {name} not found "
                                                f"(has {sorted(map(str, by_name))})")
-                    put(conv.weight, by_name[name]["0"][()], f"{name} kernel")
-                    put(conv.bias, by_name[name]["1"][()], f"{name} bias")
-                put(net.sides[b - 1].weight, h5[f"dsn{b}/vars/0"][()], f"dsn{b} kernel")
-                put(net.sides[b - 1].bias, h5[f"dsn{b}/vars/1"][()], f"dsn{b} bias")
-            put(net.fuse.weight, h5["fuse/vars/0"][()], "fuse kernel")
-            put(net.fuse.bias, h5["fuse/vars/1"][()], "fuse bias")
+                    put(conv.weight, read(by_name[name], "0"), f"{name} kernel")
+                    put(conv.bias, read(by_name[name], "1"), f"{name} bias")
+                put(net.sides[b - 1].weight, read(h5, f"dsn{b}/vars/0"), f"dsn{b} kernel")
+                put(net.sides[b - 1].bias, read(h5, f"dsn{b}/vars/1"), f"dsn{b} bias")
+            put(net.fuse.weight, read(h5, "fuse/vars/0"), "fuse kernel")
+            put(net.fuse.bias, read(h5, "fuse/vars/1"), "fuse bias")
     except (OSError, KeyError) as exc:
         raise CorruptFileError(path, f"cannot read HED weights from {path}: {exc}") from exc
     return net
