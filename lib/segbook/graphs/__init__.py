@@ -1,1 +1,28 @@
-"""segbook.graphs"""
+"""Graphs from what a model computes: attention random walks, feature and pixel affinities.
+
+The pieces of paper 1 (sections 3.1-3.3) and DiffCut that turn captured tensors into the
+graphs the spectral groupers cut (:mod:`segbook.groupers`):
+
+* :func:`aggregate_self_attention` - DiffSeg's multi-resolution aggregation, row-stochastic.
+* :func:`power_walk` - ``P^k``, the k-step random walk.
+* :func:`adjacency` - ``P P^T`` ("dot") or cosine, dense or as a :class:`FactoredAffinity`.
+* :func:`feature_cosine_affinity` - DiffCut's min-max normalised cosine to the power alpha.
+* :func:`pixel_affinity` - Shi and Malik's brightness/colour-and-position graph.
+* :func:`sparsify_topk`, :func:`sparsify_threshold`.
+* :func:`as_affinity`, :class:`DenseAffinity`, :class:`SparseAffinity`,
+  :class:`FactoredAffinity` - the operator view the NCut solver works on.
+"""
+
+from segbook.graphs.affinity import (adjacency, feature_cosine_affinity, pixel_affinity,
+                                     sparsify_threshold, sparsify_topk)
+from segbook.graphs.attention import (aggregate_self_attention, check_row_stochastic,
+                                      diffseg_weights, grid_side, power_walk)
+from segbook.graphs.operators import (Affinity, DenseAffinity, FactoredAffinity, SparseAffinity,
+                                      as_affinity)
+
+__all__ = [
+    "aggregate_self_attention", "power_walk", "diffseg_weights", "check_row_stochastic",
+    "grid_side", "adjacency", "feature_cosine_affinity", "pixel_affinity", "sparsify_topk",
+    "sparsify_threshold", "Affinity", "DenseAffinity", "SparseAffinity", "FactoredAffinity",
+    "as_affinity",
+]
