@@ -6,8 +6,14 @@ import time
 import numpy as np
 import pytest
 
-from segbook.eval import (centreline_iou, count_outcomes, evaluate, hungarian_assignment,
-                          image_confusion, majority_assignment)
+from segbook.eval import (
+    centreline_iou,
+    count_outcomes,
+    evaluate,
+    hungarian_assignment,
+    image_confusion,
+    majority_assignment,
+)
 
 
 def naive_outcomes(pred, gt, mapping, num_classes, ignore=-1):
@@ -148,7 +154,7 @@ def test_centreline_iou_hand_cases():
     far[20, 5:55] = True
     half = np.zeros_like(gt)
     half[10, 5:30] = True
-    kw = dict(skeletonize_pred=False, skeletonize_gt=False)
+    kw = {"skeletonize_pred": False, "skeletonize_gt": False}
     assert centreline_iou(near, gt, **kw).cliou == 1.0
     s = centreline_iou(far, gt, **kw)
     assert (s.tp, s.fp, s.fn, s.cliou) == (0, 50, 50, 0.0)

@@ -15,7 +15,8 @@ def scores(pred, gt, protocol, k, **kw):
 def test_perfect_prediction_with_arbitrary_ids_scores_one_everywhere():
     gt = A([[0, 0, 1, 1], [2, 2, 1, 1]])
     pred = A([[7, 7, 3, 3], [9, 9, 3, 3]])
-    for protocol in ("dataset", "per_image", "per_image_mean", "oracle_merged"):
+    for protocol in ("dataset", "dataset_majority", "per_image", "per_image_mean",
+                     "oracle_merged"):
         s = scores(pred, gt, protocol, 3)
         assert (s.miou, s.pixel_accuracy, s.f1) == (1.0, 1.0, 1.0), protocol
         np.testing.assert_array_equal(s.per_class_iou, [1.0, 1.0, 1.0])
@@ -89,6 +90,19 @@ def test_per_image_accumulated_vs_averaged_vs_dataset():
     np.testing.assert_allclose(d.per_class_iou, [4 / 7, 1 / 4])
     assert d.miou == pytest.approx((4 / 7 + 1 / 4) / 2)
     assert d.pixel_accuracy == pytest.approx(5 / 8)
+
+
+def test_dataset_majority_is_many_to_one_over_the_dataset():
+    gt = A([[0, 0, 1, 1]])
+    pred = A([[0, 1, 2, 2]])
+    assert scores(pred, gt, "dataset_majority", 2).miou == 1.0
+    assert scores(pred, gt, "dataset", 2).miou == pytest.approx(0.75)
+    # clusters are shared across images: cluster 0 is mostly class 0 over the dataset
+    gts = [A([[0, 0, 0, 1]]), A([[0, 1, 1, 1]])]
+    preds = [A([[0, 0, 1, 1]]), A([[0, 0, 1, 1]])]
+    s = evaluate(preds, gts, "dataset_majority", 2)
+    np.testing.assert_allclose(s.per_class_iou, [3 / 5, 3 / 5])
+    assert s.pixel_accuracy == pytest.approx(6 / 8)
 
 
 def test_ignore_index_pixels_are_not_scored():
@@ -174,24 +188,24 @@ def test_inputs_accepted_in_several_forms():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(preds=[], gts=[]), "empty"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 3))]), "shape"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 2))] * 2), "1 predictions but 2"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.full((2, 2), 5)]), "outside"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.full((2, 2), -2)]), "outside"),
-    (dict(preds=[np.full((2, 2), np.nan)], gts=[np.zeros((2, 2))]), "NaN"),
-    (dict(preds=[np.full((2, 2), 0.5)], gts=[np.zeros((2, 2))]), "non-integer"),
-    (dict(preds=[np.full((2, 2), -3)], gts=[np.zeros((2, 2))]), "negative"),
-    (dict(preds=np.zeros((2, 2, 2, 2)), gts=np.zeros((2, 2, 2, 2))), "shape"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 2))], protocol="global"), "unknown"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 2))], num_classes=0), "positive"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 2))], background_many_to_one=True,
-          background_index=4), "background_index"),
-    (dict(preds=[np.zeros((2, 2))], gts=[np.zeros((2, 2))], protocol="dataset",
-          diffseg_code_compat=True), "per_image"),
+    ({"preds": [], "gts": []}, "empty"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 3))]}, "shape"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 2))] * 2}, "1 predictions but 2"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.full((2, 2), 5)]}, "outside"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.full((2, 2), -2)]}, "outside"),
+    ({"preds": [np.full((2, 2), np.nan)], "gts": [np.zeros((2, 2))]}, "NaN"),
+    ({"preds": [np.full((2, 2), 0.5)], "gts": [np.zeros((2, 2))]}, "non-integer"),
+    ({"preds": [np.full((2, 2), -3)], "gts": [np.zeros((2, 2))]}, "negative"),
+    ({"preds": np.zeros((2, 2, 2, 2)), "gts": np.zeros((2, 2, 2, 2))}, "shape"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 2))], "protocol": "global"}, "unknown"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 2))], "num_classes": 0}, "positive"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 2))], "background_many_to_one": True,
+          "background_index": 4}, "background_index"),
+    ({"preds": [np.zeros((2, 2))], "gts": [np.zeros((2, 2))], "protocol": "dataset",
+          "diffseg_code_compat": True}, "per_image"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
-    args = dict(protocol="per_image", num_classes=3)
+    args = {"protocol": "per_image", "num_classes": 3}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         evaluate(**args)

@@ -73,12 +73,12 @@ def test_benchmark_is_fixed_and_prefix_stable():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(seed=-1), "seed"),
-    (dict(seed=0, layout="stripes"), "layout"),
-    (dict(seed=0, n_regions=1), "n_regions"),
-    (dict(seed=0, n_regions=9), "n_regions"),
-    (dict(seed=0, size=16), "at least 32"),
-    (dict(seed=0, size="big"), "size"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 0, "layout": "stripes"}, "layout"),
+    ({"seed": 0, "n_regions": 1}, "n_regions"),
+    ({"seed": 0, "n_regions": 9}, "n_regions"),
+    ({"seed": 0, "size": 16}, "at least 32"),
+    ({"seed": 0, "size": "big"}, "size"),
 ])
 def test_make_mosaic_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -118,10 +118,11 @@ def benchmark_seed(version: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _texture(index: int) -> np.ndarray:
-    from segbook.data.samples import to_rgb_uint8
     from skimage import data as skdata
+
+    from segbook.data.samples import to_rgb_uint8
 
     tex = TEXTURES[index]
     image = to_rgb_uint8(getattr(skdata, tex.loader)())

@@ -36,47 +36,84 @@ class SamplePhoto:
 
 # name -> (description, source, licence, skimage.data loader)
 _CATALOGUE = {
-    "astronaut": ("Eileen Collins, NASA astronaut, in an orange flight suit with a flag and a "
-                  "shuttle model behind her.", "NASA Great Images database "
-                  "(https://flic.kr/p/r9qvLn), via skimage.data.astronaut",
-                  "public domain (no known copyright restrictions)", "astronaut"),
-    "coffee": ("A cup of coffee on a saucer on a wooden table.",
-               "photograph by Rachel Michetti, via skimage.data.coffee", "CC0", "coffee"),
-    "chelsea": ("Chelsea the cat, a close-up of her face.",
-                "photograph by Stefan van der Walt, via skimage.data.chelsea", "CC0", "chelsea"),
-    "rocket": ("A Falcon 9 rocket on its launch pad at dusk.",
-               "SpaceX (https://www.flickr.com/photos/spacexphotos/16511594820), via "
-               "skimage.data.rocket", "public domain (released by SpaceX)", "rocket"),
-    "motorcycle": ("A red motorcycle in a workshop (left view of a stereo pair).",
-                   "Middlebury 2014 stereo benchmark (Scharstein et al., GCPR 2014), "
-                   "downsampled 4x, via skimage.data.stereo_motorcycle",
-                   "no licence stated by scikit-image; the Middlebury data are offered for "
-                   "research use, cite Scharstein et al. 2014", "stereo_motorcycle"),
-    "camera": ("A man with a film camera on a tripod, on a lawn (greyscale).",
-               "photograph by Lav Varshney, via skimage.data.camera", "CC0", "camera"),
-    "coins": ("Greek coins from Pompeii on a grey background (greyscale).",
-              "Brooklyn Museum Collection, via skimage.data.coins",
-              "no known copyright restrictions", "coins"),
-    "immunohistochemistry": ("Colonic glands with IHC (DAB, brown) and hematoxylin (blue) "
-                             "staining.", "Center for Microscopy And Molecular Imaging (CMMI), "
-                             "via skimage.data.immunohistochemistry",
-                             "no known copyright restrictions", "immunohistochemistry"),
-    "hubble_deep_field": ("The Hubble eXtreme Deep Field: galaxies on a black sky.",
-                          "NASA (hubblesite.org release 2012-37), via "
-                          "skimage.data.hubble_deep_field", "public domain (NASA)",
-                          "hubble_deep_field"),
-    "retina": ("A fundus photograph of a normal left eye.",
-               "Wikimedia Commons (Fundus_photograph_of_normal_left_eye.jpg), via "
-               "skimage.data.retina", "CC0 1.0", "retina"),
-    "brick": ("A brick wall, a seamless texture (greyscale).",
-              "CC0Textures Bricks25, via skimage.data.brick", "CC0", "brick"),
-    "grass": ("Grass, a texture (greyscale).",
-              "DeviantArt user linolafett (Grass-01), via skimage.data.grass", "CC0", "grass"),
-    "gravel": ("Gravel, a seamless texture (greyscale).",
-               "CC0Textures Gravel04, via skimage.data.gravel", "CC0", "gravel"),
-    "moon": ("The surface of the moon, low contrast (greyscale).",
-             "skimage.data.moon (scikit-image documents no source)",
-             "no licence stated by scikit-image", "moon"),
+    "astronaut": (
+        ("Eileen Collins, NASA astronaut, in an orange flight suit with a flag and "
+         "a shuttle model behind her."),
+        ("NASA Great Images database (https://flic.kr/p/r9qvLn), via "
+         "skimage.data.astronaut"),
+        "public domain (no known copyright restrictions)",
+        "astronaut"),
+    "coffee": (
+        "A cup of coffee on a saucer on a wooden table.",
+        "photograph by Rachel Michetti, via skimage.data.coffee",
+        "CC0",
+        "coffee"),
+    "chelsea": (
+        "Chelsea the cat, a close-up of her face.",
+        "photograph by Stefan van der Walt, via skimage.data.chelsea",
+        "CC0",
+        "chelsea"),
+    "rocket": (
+        "A Falcon 9 rocket on its launch pad at dusk.",
+        ("SpaceX (https://www.flickr.com/photos/spacexphotos/16511594820), via "
+         "skimage.data.rocket"),
+        "public domain (released by SpaceX)",
+        "rocket"),
+    "motorcycle": (
+        "A red motorcycle in a workshop (left view of a stereo pair).",
+        ("Middlebury 2014 stereo benchmark (Scharstein et al., GCPR 2014), "
+         "downsampled 4x, via skimage.data.stereo_motorcycle"),
+        ("no licence stated by scikit-image; the Middlebury data are offered for "
+         "research use, cite Scharstein et al. 2014"),
+        "stereo_motorcycle"),
+    "camera": (
+        "A man with a film camera on a tripod, on a lawn (greyscale).",
+        "photograph by Lav Varshney, via skimage.data.camera",
+        "CC0",
+        "camera"),
+    "coins": (
+        "Greek coins from Pompeii on a grey background (greyscale).",
+        "Brooklyn Museum Collection, via skimage.data.coins",
+        "no known copyright restrictions",
+        "coins"),
+    "immunohistochemistry": (
+        "Colonic glands with IHC (DAB, brown) and hematoxylin (blue) staining.",
+        ("Center for Microscopy And Molecular Imaging (CMMI), via "
+         "skimage.data.immunohistochemistry"),
+        "no known copyright restrictions",
+        "immunohistochemistry"),
+    "hubble_deep_field": (
+        "The Hubble eXtreme Deep Field: galaxies on a black sky.",
+        ("NASA (hubblesite.org release 2012-37), via "
+         "skimage.data.hubble_deep_field"),
+        "public domain (NASA)",
+        "hubble_deep_field"),
+    "retina": (
+        "A fundus photograph of a normal left eye.",
+        ("Wikimedia Commons (Fundus_photograph_of_normal_left_eye.jpg), via "
+         "skimage.data.retina"),
+        "CC0 1.0",
+        "retina"),
+    "brick": (
+        "A brick wall, a seamless texture (greyscale).",
+        "CC0Textures Bricks25, via skimage.data.brick",
+        "CC0",
+        "brick"),
+    "grass": (
+        "Grass, a texture (greyscale).",
+        "DeviantArt user linolafett (Grass-01), via skimage.data.grass",
+        "CC0",
+        "grass"),
+    "gravel": (
+        "Gravel, a seamless texture (greyscale).",
+        "CC0Textures Gravel04, via skimage.data.gravel",
+        "CC0",
+        "gravel"),
+    "moon": (
+        "The surface of the moon, low contrast (greyscale).",
+        "skimage.data.moon (scikit-image documents no source)",
+        "no licence stated by scikit-image",
+        "moon"),
 }
 
 #: Names of the photos :func:`samples` knows, in catalogue order.

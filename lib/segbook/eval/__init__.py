@@ -7,12 +7,25 @@
 
 from segbook.eval.centreline import CentrelineScores, centreline, centreline_iou
 from segbook.eval.confusion import image_confusion
-from segbook.eval.matching import (count_outcomes, diffseg_code_outcomes, hungarian_assignment,
-                                   majority_assignment)
+from segbook.eval.matching import (
+                                   count_outcomes,
+                                   diffseg_code_outcomes,
+                                   hungarian_assignment,
+                                   majority_assignment,
+)
 from segbook.eval.protocols import PROTOCOLS, Scores, evaluate, matched_prediction
 
 __all__ = [
-    "evaluate", "Scores", "PROTOCOLS", "matched_prediction", "centreline_iou",
-    "CentrelineScores", "centreline", "hungarian_assignment", "majority_assignment",
-    "count_outcomes", "diffseg_code_outcomes", "image_confusion",
+                                   "PROTOCOLS",
+                                   "CentrelineScores",
+                                   "Scores",
+                                   "centreline",
+                                   "centreline_iou",
+                                   "count_outcomes",
+                                   "diffseg_code_outcomes",
+                                   "evaluate",
+                                   "hungarian_assignment",
+                                   "image_confusion",
+                                   "majority_assignment",
+                                   "matched_prediction",
 ]

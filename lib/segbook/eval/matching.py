@@ -48,7 +48,7 @@ def hungarian_assignment(conf: np.ndarray, background_index: int | None = None) 
     stay unmatched; with fewer, some classes stay unmatched (all their pixels are misses).
     """
     conf = np.asarray(conf)
-    n_classes, n_seg = conf.shape
+    n_seg = conf.shape[1]
     assign = np.full(n_seg, -1, np.int64)
     rows = np.flatnonzero(conf.sum(axis=1) > 0)
     if background_index is not None:

@@ -12,6 +12,7 @@ much.
 protocol             matched where    rule                    averaged
 ===================  ===============  ======================  ===========================
 ``dataset``          whole dataset    Hungarian, one-to-one   counts over the dataset
+``dataset_majority`` whole dataset    majority class          counts over the dataset
 ``per_image``        each image       Hungarian, one-to-one   counts over the dataset
 ``per_image_mean``   each image       Hungarian, one-to-one   metrics per image, mean
 ``oracle_merged``    each image       majority class          metrics per image, mean
@@ -38,12 +39,16 @@ from typing import Any
 import numpy as np
 
 from segbook.eval.centreline import centreline_counts
-from segbook.eval.confusion import (as_label_list, check_pair, image_confusion,
-                                    segment_universe)
-from segbook.eval.matching import (count_outcomes, diffseg_code_outcomes,
-                                   hungarian_assignment, majority_assignment)
+from segbook.eval.confusion import as_label_list, check_pair, image_confusion, segment_universe
+from segbook.eval.matching import (
+    count_outcomes,
+    diffseg_code_outcomes,
+    hungarian_assignment,
+    majority_assignment,
+)
 
-PROTOCOLS = ("dataset", "per_image", "per_image_mean", "oracle_merged", "cliou")
+PROTOCOLS = ("dataset", "dataset_majority", "per_image", "per_image_mean", "oracle_merged",
+             "cliou")
 
 
 @dataclass
@@ -134,17 +139,24 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
     protocol :
         ``"dataset"``
             One confusion matrix over the whole dataset and one Hungarian matching of
-            clusters to classes (STEGO's ``UnsupervisedMetrics``, PiCIE; paper 2's
-            dataset-level Table 2 uses this with K-means(27), paper 1's supplement Table 6
-            "globally averaged"). Clusters left unmatched count as misses of their classes.
+            clusters to classes (STEGO's ``UnsupervisedMetrics``, PiCIE; paper 2, Table 3
+            "Hungarian"). Clusters left unmatched count as misses of their classes.
+        ``"dataset_majority"``
+            The same matrix, but every cluster takes the class it overlaps most over the
+            dataset (several clusters may share a class): paper 2's "greedy" matching
+            (Table 2, and Table 3 "Greedy"; its code takes the argmax of each cluster's row).
         ``"per_image"``
             Per image, a Hungarian matching between the image's segments and the classes
             present in its ground truth, maximising overlap on the image's confusion
             matrix; per-class TP/FP/FN accumulated over the dataset, then IoU, F1, accuracy
-            (DiffSeg, DiffCut, paper 1 Tables 1-4, EASe). Segments left unmatched (more
-            segments than classes) count as misses of their ground-truth classes and as
-            false positives of no class, as in DiffSeg's code; with fewer segments than
-            classes the unmatched classes are entirely missed.
+            (DiffSeg, DiffCut, EASe; paper 1's Tables 1-4, which its supplement's Table 6
+            calls "globally averaged", i.e. counts accumulated before the metrics). Segments
+            left unmatched (more segments than classes) count as misses of their
+            ground-truth classes and as false positives of no class, as in DiffSeg's code
+            (paper 1's text calls the leftovers "false positives"; the code, which it
+            follows, books their pixels as misses, the only choice that does not need a
+            class to charge them to). With fewer segments than classes the unmatched
+            classes are entirely missed.
         ``"per_image_mean"``
             The same matching, but IoU (over the classes present in the image), F1 and
             accuracy computed per image and then averaged over images (paper 1, supplement
@@ -152,7 +164,8 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
         ``"oracle_merged"``
             Per image, every segment is merged into the ground-truth class it overlaps most;
             metrics per image, then averaged (paper 1, supplement Table 6, "merged and
-            per-image averaged"). Over-segmentation costs nothing here.
+            per-image averaged"; paper 2, section 4.1, scores its per-image regions with the
+            same majority rule). Over-segmentation costs nothing here.
         ``"cliou"``
             EASe on OmniCrack30k (Table 6): per-image matching with the background
             many-to-one, then the centreline IoU of the foreground (every class but
@@ -163,7 +176,7 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
     background_many_to_one : with the Hungarian protocols, let any number of segments map to
         the background class (EASe on VOC, COCO-Object, PartImageNet, OmniCrack30k and RSDD;
         rule in :func:`segbook.eval.matching.hungarian_assignment`). Has no effect on
-        ``oracle_merged``, which is many-to-one for every class.
+        ``oracle_merged`` and ``dataset_majority``, which are many-to-one for every class.
     background_index : the background class (default 0).
     diffseg_code_compat : ``per_image``/``per_image_mean`` only: count each image exactly as
         ``google/diffseg``'s code does (see
@@ -204,13 +217,13 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
              for i, (p, g) in enumerate(zip(pred_list, gt_list))]
     background = background_index if bg_needed else None
 
-    if protocol == "dataset":
-        return _dataset(pairs, num_classes, ignore_index, background)
+    if protocol in ("dataset", "dataset_majority"):
+        return _dataset(pairs, protocol, num_classes, ignore_index, background)
     return _per_image(pairs, protocol, num_classes, ignore_index, background,
                       diffseg_code_compat, tolerance)
 
 
-def _dataset(pairs, num_classes, ignore_index, background) -> Scores:
+def _dataset(pairs, protocol, num_classes, ignore_index, background) -> Scores:
     universe = segment_universe([p for p, _ in pairs], [g for _, g in pairs], ignore_index)
     conf = np.zeros((num_classes, universe.size), np.int64)
     n_valid = 0
@@ -218,8 +231,10 @@ def _dataset(pairs, num_classes, ignore_index, background) -> Scores:
         ic = image_confusion(pred, gt, num_classes, ignore_index, segment_universe=universe)
         conf += ic.conf
         n_valid += ic.n_valid
-    tp, fp, fn = count_outcomes(conf, hungarian_assignment(conf, background))
-    return _accumulated("dataset", tp, fp, fn, n_valid, len(pairs))
+    assign = (majority_assignment(conf) if protocol == "dataset_majority"
+              else hungarian_assignment(conf, background))
+    tp, fp, fn = count_outcomes(conf, assign)
+    return _accumulated(protocol, tp, fp, fn, n_valid, len(pairs))
 
 
 def _per_image(pairs, protocol, num_classes, ignore_index, background, compat,
