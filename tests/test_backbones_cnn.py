@@ -64,6 +64,7 @@ def test_effnet_is_really_pretrained_on_imagenet(effnet):
 def test_effnet_capture_has_the_documented_grids(effnet, coffee_capture):
     cap = coffee_capture
     assert cap.backbone == "effnet-lite0" and cap.image_size == (512, 512)
+    assert cap.meta["model_input_size"] == (512, 512) and cap.meta["fingerprint"] == effnet.fingerprint
     assert effnet.stand_in and cap.meta["stand_in"] and cap.meta["temperature"] == 0.1
     assert cap["blocks.5"].features.shape == (80, 32, 32)
     assert cap["blocks.10"].features.shape == (112, 32, 32)

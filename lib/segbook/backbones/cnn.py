@@ -209,7 +209,7 @@ class CNNBackbone(Backbone):
                 size: int | None = None, temperature: float | None = None,
                 attention_layers: Sequence[str] | None = None, logits: bool = False,
                 qkv: bool = False, keep_on_device: bool = False,
-                store_dtype: torch.dtype = torch.float32) -> Capture:
+                dtype: torch.dtype = torch.float32) -> Capture:
         """Capture block features and the stand-in attention for one image.
 
         Parameters
@@ -228,15 +228,16 @@ class CNNBackbone(Backbone):
         qkv : also keep ``q = k`` (the normalised concatenated features, ``(1, N, C)``) and
             ``v`` (the same features before normalisation).
         keep_on_device : leave tensors on the model's device (default: move to the CPU).
-        store_dtype : dtype of the stored tensors (float32 by default: at 1024 tokens a map
+        dtype : dtype of the stored tensors (float32 by default: at 1024 tokens a map
             is 4 MiB, so there is no need to halve it).
 
         Returns
         -------
         Capture : feature layers (kind ``"features"``, ``features`` = ``(C, h, w)``) in
         network order, then one layer of kind ``"self_attention"`` named
-        ``"similarity(<layers>)"`` holding ``attn`` ``(N, N)``. ``meta`` records the input
-        size, temperature, attention layers and ``stand_in=True``.
+        ``"similarity(<layers>)"`` holding ``attn`` ``(N, N)``. ``meta`` records the model
+        input size, dtypes, weights fingerprint, temperature, attention layers and grid, and
+        ``stand_in=True``.
 
         Raises
         ------
@@ -269,12 +270,13 @@ class CNNBackbone(Backbone):
         T = float(self.temperature if temperature is None else temperature)
 
         def store(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(store_dtype)
+            t = t.to(dtype)
             return t if keep_on_device else t.cpu()
 
         cap = Capture(backbone=self.name, image_size=tuple(rgb.shape[:2]),
-                      meta={"input_size": tuple(rgb.shape[:2]), "stand_in": True,
-                            "fingerprint": self.fingerprint, "dtype": str(self.dtype).replace("torch.", "")})
+                      meta={"model_input_size": tuple(rgb.shape[:2]), "stand_in": True,
+                            "fingerprint": self.fingerprint, "model_dtype": str(self.dtype),
+                            "store_dtype": str(dtype)})
         order = list(self._modules_by_name)
         for name in sorted(feature_names, key=order.index):
             fmap = maps[name]
@@ -282,16 +284,10 @@ class CNNBackbone(Backbone):
                                             features=store(fmap), heads=1, reduction="none")
         if want_attention:
             h, w = grid
-            parts = []
-            for name in att_names:
-                fmap = maps[name]
-                if tuple(fmap.shape[1:]) != (h, w):
-                    fmap = F.adaptive_avg_pool2d(fmap[None], (h, w))[0]
-                parts.append(F.normalize(fmap.flatten(1), dim=0))  # unit vector per position
-            raw = torch.cat([maps[n] if tuple(maps[n].shape[1:]) == (h, w)
-                             else F.adaptive_avg_pool2d(maps[n][None], (h, w))[0]
-                             for n in att_names], dim=0).flatten(1).T       # (N, C)
-            x = torch.cat(parts, dim=0).T                                    # (N, C)
+            pooled = [maps[n] if tuple(maps[n].shape[1:]) == (h, w)
+                      else F.adaptive_avg_pool2d(maps[n][None], (h, w))[0] for n in att_names]
+            # each layer normalised on its own, so that no layer dominates by its scale
+            x = torch.cat([F.normalize(p.flatten(1), dim=0) for p in pooled], dim=0).T  # (N, C)
             attn, scores = similarity_attention(x, T, return_logits=True)
             name = f"similarity({'+'.join(att_names)})"
             cap.layers[name] = LayerCapture(
@@ -299,7 +295,7 @@ class CNNBackbone(Backbone):
                 logits=store(scores) if logits else None,
                 q=store(F.normalize(x, dim=1)[None]) if qkv else None,
                 k=store(F.normalize(x, dim=1)[None].clone()) if qkv else None,
-                v=store(raw[None]) if qkv else None,
+                v=store(torch.cat(pooled).flatten(1).T[None]) if qkv else None,
                 heads=1, reduction="none")
             cap.meta.update({"temperature": T, "attention_layers": tuple(att_names),
                              "attention_grid": (h, w)})
