@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from segbook.errors import GraphError
-from segbook.groupers.diffseg import (DiffSeg, anchor_grid, merge_attention,
-                                      proposals_to_labels, symmetric_kl)
+from segbook.groupers.diffseg import (
+    DiffSeg,
+    anchor_grid,
+    merge_attention,
+    proposals_to_labels,
+    symmetric_kl,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,7 +102,7 @@ def test_threshold_controls_the_number_of_segments():
               for t in (1e-6, 0.3, 1.1, 4.0, 1e6)]
     assert counts[0] == 36  # nothing merges: one segment per anchor
     assert counts[-1] == 1  # everything merges
-    assert all(a >= b for a, b in zip(counts, counts[1:])), counts
+    assert all(a >= b for a, b in itertools.pairwise(counts)), counts
     assert 1 < counts[2] < 36
 
 

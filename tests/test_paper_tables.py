@@ -10,8 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segbook.book.paper_tables import (compare_with_paper, list_paper_tables,
-                                       load_paper_table, paper_tables_dir)
+from segbook.book.paper_tables import (
+    compare_with_paper,
+    list_paper_tables,
+    load_paper_table,
+    paper_tables_dir,
+)
 
 CHAPTER = "02_diffusing_walking_cutting"
 EXPECTED = {

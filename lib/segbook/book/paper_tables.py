@@ -20,7 +20,7 @@ import pandas as pd
 
 from segbook.book.paths import results_root
 
-__all__ = ["paper_tables_dir", "list_paper_tables", "load_paper_table", "compare_with_paper"]
+__all__ = ["compare_with_paper", "list_paper_tables", "load_paper_table", "paper_tables_dir"]
 
 # Columns read as text even when every entry looks numeric: they name a setting and are
 # joined on, and "64" (a resolution) must not become the integer 64 in one table and a

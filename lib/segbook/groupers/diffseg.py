@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from segbook.errors import GraphError
 
-__all__ = ["DiffSeg", "anchor_grid", "symmetric_kl", "merge_attention", "proposals_to_labels"]
+__all__ = ["DiffSeg", "anchor_grid", "merge_attention", "proposals_to_labels", "symmetric_kl"]
 
 # Attention probabilities are clamped here before the logarithm: softmax outputs are
 # positive, but float16/float32 capture can round far tails to exactly 0.
@@ -282,7 +282,7 @@ class DiffSeg:
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1, got {grid}")
 
-    def fit(self, attn, spatial_shape: tuple[int, int] | None = None) -> "DiffSeg":
+    def fit(self, attn, spatial_shape: tuple[int, int] | None = None) -> DiffSeg:
         """Merge the attention maps into proposals.
 
         Parameters
