@@ -8,16 +8,16 @@ averaged* (accumulated over the dataset, or per image then averaged). The number
 for the same predictions differ a lot; chapter 05 (``book/05_evaluation.md``) shows by how
 much.
 
-===================  ===============  ======================  ===========================
-protocol             matched where    rule                    averaged
-===================  ===============  ======================  ===========================
-``dataset``          whole dataset    Hungarian, one-to-one   counts over the dataset
-``dataset_majority`` whole dataset    majority class          counts over the dataset
-``per_image``        each image       Hungarian, one-to-one   counts over the dataset
-``per_image_mean``   each image       Hungarian, one-to-one   metrics per image, mean
-``oracle_merged``    each image       majority class          metrics per image, mean
-``cliou``            each image       Hungarian + bg many     clIoU of the foreground
-===================  ===============  ======================  ===========================
+====================  =============  =====================  =======================
+protocol              matched where  rule                   averaged
+====================  =============  =====================  =======================
+``dataset``           whole dataset  Hungarian, one-to-one  counts over the dataset
+``dataset_majority``  whole dataset  majority class         counts over the dataset
+``per_image``         each image     Hungarian, one-to-one  counts over the dataset
+``per_image_mean``    each image     Hungarian, one-to-one  metrics per image, mean
+``oracle_merged``     each image     majority class         metrics per image, mean
+``cliou``             each image     Hungarian + bg many    clIoU of the foreground
+====================  =============  =====================  =======================
 
 Metrics (fractions, not percent), from per-class counts ``tp, fp, fn`` (see
 :mod:`segbook.eval.matching` for how a segment's pixels are counted):
@@ -28,7 +28,8 @@ Metrics (fractions, not percent), from per-class counts ``tp, fp, fn`` (see
 
 A class with ``tp + fp + fn = 0`` (absent from the ground truth everywhere, and given no
 segment) has IoU and F1 ``NaN`` and is left out of the means, as ``np.nanmean`` does in
-STEGO's, DiffSeg's and DiffCut's code.
+STEGO's, DiffSeg's and DiffCut's code. (Paper 2's code divides with an epsilon instead, which
+counts such a class as 0; with every class present, as on its benchmarks, the two agree.)
 """
 
 from __future__ import annotations
