@@ -20,6 +20,7 @@ public code of both use the row-stochastic probabilities).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -71,7 +72,8 @@ def as_image_tensor(image: Any) -> torch.Tensor:
         if image.dtype == np.bool_ or not (np.issubdtype(image.dtype, np.integer)
                                            or np.issubdtype(image.dtype, np.floating)):
             raise TypeError(f"image array dtype must be uint8 or float, got {image.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        array = np.ascontiguousarray(image)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:
@@ -211,7 +213,9 @@ def select_layer_names(available: Mapping[str, Mapping[str, Any]],
     available : name -> ``{"kind": ..., "grid": (h, w), ...}`` (from ``Backbone.layers()``).
     layers : None (the backbone's ``default`` group), a group name (``"decoder"``,
         ``"all"``, ...), an exact layer name, a name prefix ending at a dot boundary
-        (``"up_blocks.1"`` picks every layer inside that block), or a list of these.
+        (``"up_blocks.1.attentions"`` picks every layer inside it), or a list of these. An
+        exact name wins over a prefix: ``"up_blocks.1"`` is that block's output where the
+        backbone lists it; write ``"up_blocks.1."`` (trailing dot) for the layers inside.
     resolution : keep only layers whose grid side is one of these.
     kind : keep only layers of this kind (``"self_attention"`` or ``"features"``).
     groups : group name -> layer names.
@@ -374,6 +378,35 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if tokens.ndim != 2 or tokens.shape[0] != h * w:
         raise ValueError(f"expected ({h * w}, C) tokens for grid {grid}, got {tuple(tokens.shape)}")
     return tokens.detach().transpose(0, 1).reshape(tokens.shape[1], h, w)
+
+
+# --------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------
+
+def weights_fingerprint(root: Path, files: list[str]) -> str:
+    """A short hash of file names, sizes and the first and last MiB of each weight file."""
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        path = root / rel
+        size = path.stat().st_size
+        digest.update(f"{rel}:{size}".encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def module_fingerprint(*modules: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer (for the small random models)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ hooks. Memory: see :class:`segbook.backbones.capture.CaptureOptions` and
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +39,10 @@ from segbook.backbones.capture import (
     as_image_tensor,
     capture_memory_bytes,
     format_bytes,
+    module_fingerprint,
     record_attention,
     select_layer_names,
+    weights_fingerprint,
 )
 from segbook.backbones.ddim import ddim_invert, ddim_sample
 from segbook.backbones.weights import resolve_weights
@@ -378,8 +378,9 @@ class StableDiffusionBackbone(Backbone):
         image : ``(H, W, 3)`` uint8 array, PIL image, tensor or path (see
             :func:`segbook.backbones.capture.as_image_tensor`); resized to ``size``.
         layers : None (``"decoder"``: mid + up ``attn1``, paper 1), a group (``"all"``,
-            ``"encoder"``, ``"mid"``, ``"blocks"``), a layer name, a block prefix
-            (``"up_blocks.1"``) or a list of these; see :meth:`layers`.
+            ``"encoder"``, ``"mid"``, ``"blocks"``), a layer name, a prefix
+            (``"up_blocks.1."`` for the ``attn1`` layers inside a block; ``"up_blocks.1"``
+            alone is the block's output) or a list of these; see :meth:`layers`.
         resolution : keep only layers whose grid side is in this set (e.g. ``{32, 64}``).
         kind : ``"self_attention"`` or ``"features"``.
         mode : how the U-Net input is made from the clean latent ``z0``:
@@ -502,31 +503,6 @@ def _default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dty
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _directory_fingerprint(root: Path, files: list[str]) -> str:
-    """A short hash of file names, sizes and the first and last MiB of each weight file."""
-    digest = hashlib.sha256()
-    for rel in sorted(files):
-        path = root / rel
-        size = path.stat().st_size
-        digest.update(f"{rel}:{size}".encode())
-        with open(path, "rb") as fh:
-            digest.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:16]
-
-
-def module_fingerprint(*modules: torch.nn.Module) -> str:
-    """A short hash of every parameter and buffer (for the small random models)."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for key, value in module.state_dict().items():
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def load_stable_diffusion(hub_id: str = SD14_HUB_ID, *, name: str = "sd14",
                           device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                           image_size: int = 512,
@@ -574,7 +550,7 @@ def load_stable_diffusion(hub_id: str = SD14_HUB_ID, *, name: str = "sd14",
     weight_files = [f for f in files if f.endswith((".safetensors", ".bin"))]
     return StableDiffusionBackbone(name, unet, vae, text_encoder, scheduler, tokenizer,
                                    device=torch.device(device), dtype=dtype, pretrained=True,
-                                   fingerprint=_directory_fingerprint(root, weight_files),
+                                   fingerprint=weights_fingerprint(root, weight_files),
                                    image_size=image_size)
 
 
@@ -620,7 +596,10 @@ def build_tiny_sd_components(seed: int = 0):
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=256)
+            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=256,
+            # SD's 0.18215 gives its VAE's latents unit variance; 7.0 does that for this one
+            # (its raw latents of photos have std ~0.14), so the noise schedule means the same
+            scaling_factor=7.0)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
