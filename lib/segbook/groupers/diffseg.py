@@ -5,20 +5,20 @@ Unsupervised Zero-Shot Segmentation using Stable Diffusion*, CVPR 2024. Given an
 self-attention tensor ``P`` (``N x N`` with ``N = h * w``; row ``q`` is where query position
 ``q`` attends, a probability distribution over the ``h x w`` key positions), DiffSeg
 
-1. *attention aggregation* (their Sec. 3.1) -- done before this module, see
+1. *attention aggregation* -- done before this module, see
    :mod:`segbook.graphs` (resolution weights 64:32:16:8 proportional to resolution);
-2. *iterative attention merging* (Sec. 3.2): anchors on a regular ``M x M`` grid of query
+2. *iterative attention merging*: anchors on a regular ``M x M`` grid of query
    positions; in the first iteration each anchor's attention map is compared, by a symmetric
    Kullback-Leibler distance, with the attention map of every position, and the maps closer
    than a threshold are averaged into a proposal; later iterations merge the proposals among
    themselves the same way, so duplicates collapse and the set shrinks;
-3. *non-maximum suppression* (Sec. 3.3): each pixel takes the proposal that attends to it most
+3. *non-maximum suppression*: each pixel takes the proposal that attends to it most
    (argmax over proposals), after bilinear upsampling of the proposal maps to the image size
    (x8 from the 64 x 64 latent grid of a 512 px image).
 
 The distance is ``D(p, q) = (KL(p || q) + KL(q || p)) / 2``. Paper 1 (Sec. 4.5) uses DiffSeg's
 own settings: 16 x 16 anchors, threshold 1.1 on COCO-Stuff-27 and 0.9 on Cityscapes, 3
-merging iterations. Details not in the DiffSeg paper follow the authors' public code
+merging iterations. These details are taken from the authors' public code
 (google/diffseg, see ``shared/reference/IMPLEMENTATION_NOTES.md``): the anchor positions
 (1, 5, ..., 61 on 64 x 64), that the first iteration compares anchors with *all* positions,
 the greedy order of the later merges, and the optional K-means refinement (``refine=True``).
@@ -44,7 +44,7 @@ _SUBNORMAL_FLUSH = 1e-30
 
 
 def anchor_grid(size: int, n_points: int) -> np.ndarray:
-    """Anchor coordinates along one axis of length ``size`` (DiffSeg Sec. 3.2).
+    """Anchor coordinates along one axis of length ``size`` (DiffSeg, "Iterative Attention Merging").
 
     The anchors are ``n_points`` positions with the largest integer stride that fits
     (``stride = (size - 1) // (n_points - 1)``), centred on the axis. For the 64 x 64 latent of
@@ -72,7 +72,7 @@ def symmetric_kl(X: torch.Tensor, Y: torch.Tensor, log_X: torch.Tensor | None = 
     """Pairwise symmetric KL distance between the rows of ``X`` (a x N) and ``Y`` (b x N).
 
     ``D(x, y) = (KL(x || y) + KL(y || x)) / 2 = sum_n (x_n - y_n)(log x_n - log y_n) / 2``,
-    the distance DiffSeg merges by (Sec. 3.2). Computed as four matrix products instead of an
+    the distance DiffSeg merges by ("Iterative Attention Merging"). Computed as four matrix products instead of an
     ``a x b x N`` tensor, so 256 anchors against 4096 maps of 4096 entries is two GEMMs.
 
     Returns
@@ -104,7 +104,7 @@ def _thresholds(kl_threshold, iterations: int) -> list[float]:
 
 def merge_attention(P: torch.Tensor, anchors: np.ndarray, kl_threshold, iterations: int = 3
                     ) -> torch.Tensor:
-    """Iterative attention merging (DiffSeg Sec. 3.2).
+    """Iterative attention merging (DiffSeg, Sec. 3, "Iterative Attention Merging").
 
     Parameters
     ----------
@@ -153,8 +153,8 @@ def merge_attention(P: torch.Tensor, anchors: np.ndarray, kl_threshold, iteratio
 
 def proposals_to_labels(proposals: torch.Tensor, shape: tuple[int, int],
                         out_size: tuple[int, int] | None = None, chunk: int = 16) -> np.ndarray:
-    """Non-maximum suppression (DiffSeg Sec. 3.3): each pixel takes the proposal with the
-    largest value there.
+    """Non-maximum suppression (DiffSeg, Sec. 3, "Non-Maximum Suppression"): each pixel takes
+    the proposal with the largest value there.
 
     Parameters
     ----------
@@ -238,7 +238,8 @@ def _as_attention(attn, spatial_shape, atol: float) -> tuple[torch.Tensor, tuple
 class DiffSeg:
     """DiffSeg grouper: anchors, iterative KL merging, non-maximum suppression.
 
-    Tian et al., *Diffuse, Attend, and Segment*, CVPR 2024, Sec. 3.2-3.3. Input: an aggregated
+    Tian et al., *Diffuse, Attend, and Segment*, CVPR 2024, Sec. 3 (the three steps
+    named in the module docstring). Input: an aggregated
     self-attention tensor (paper 1, Sec. 3.1 builds the same one).
 
     Parameters
@@ -248,7 +249,8 @@ class DiffSeg:
         per iteration. DiffSeg uses 1.1 on COCO-Stuff-27 and 0.9 on Cityscapes. Lower values
         keep more, smaller segments.
     iterations : int, default 3
-        Merging passes, the anchor pass included (DiffSeg: 3).
+        Merging passes, the anchor pass included: 3 is the anchor pass and two merges of the
+        proposals (the authors' code runs one pass per entry of a 3-entry threshold list).
     grid : int, default 16
         Anchors per axis: ``grid x grid`` anchors placed by :func:`anchor_grid`.
     refine : bool, default False
