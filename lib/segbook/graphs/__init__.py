@@ -11,6 +11,7 @@ graphs the spectral groupers cut (:mod:`segbook.groupers`):
 * :func:`sparsify_topk`, :func:`sparsify_threshold`.
 * :func:`as_affinity`, :class:`DenseAffinity`, :class:`SparseAffinity`,
   :class:`FactoredAffinity` - the operator view the NCut solver works on.
+* :func:`planted_partition`, :func:`planted_random_walk` - graphs with a known answer.
 """
 
 from segbook.graphs.affinity import (adjacency, feature_cosine_affinity, pixel_affinity,
@@ -19,10 +20,11 @@ from segbook.graphs.attention import (aggregate_self_attention, check_row_stocha
                                       diffseg_weights, grid_side, power_walk)
 from segbook.graphs.operators import (Affinity, DenseAffinity, FactoredAffinity, SparseAffinity,
                                       as_affinity)
+from segbook.graphs.synthetic import block_labels, planted_partition, planted_random_walk
 
 __all__ = [
     "aggregate_self_attention", "power_walk", "diffseg_weights", "check_row_stochastic",
     "grid_side", "adjacency", "feature_cosine_affinity", "pixel_affinity", "sparsify_topk",
     "sparsify_threshold", "Affinity", "DenseAffinity", "SparseAffinity", "FactoredAffinity",
-    "as_affinity",
+    "as_affinity", "planted_partition", "planted_random_walk", "block_labels",
 ]

@@ -91,7 +91,10 @@ class Affinity:
         raise NotImplementedError  # pragma: no cover
 
     def is_constant(self) -> bool:
-        """True when every off-diagonal weight is the same (no cut is better than another)."""
+        """True when every off-diagonal weight is the same (no cut is better than another).
+
+        False for graphs of fewer than 3 nodes, whose single pair has nothing to be compared with.
+        """
         raise NotImplementedError  # pragma: no cover
 
     def to_dense(self) -> np.ndarray:  # pragma: no cover - interface
@@ -192,8 +195,8 @@ class DenseAffinity(Affinity):
         return nnz // 2
 
     def is_constant(self):
-        if self.n < 3:
-            return True
+        if self.n < 3:  # one pair (or none): nothing to compare
+            return False
         # Necessary condition first (O(n)): equal off-diagonal weights give equal d_i - A_ii.
         off_deg = self.degrees() - self.diagonal()
         if np.ptp(off_deg) > 1e-7 * max(np.abs(off_deg).max(), 1e-30):
@@ -245,8 +248,8 @@ class SparseAffinity(Affinity):
         return int(self.A.nnz - np.count_nonzero(self.A.diagonal())) // 2
 
     def is_constant(self):
-        if self.n < 3:
-            return True
+        if self.n < 3:  # one pair (or none): nothing to compare
+            return False
         off = sp.triu(self.A, k=1)
         n_pairs = self.n * (self.n - 1) // 2
         if off.nnz < n_pairs:  # some pairs are 0 and others are not
@@ -331,8 +334,8 @@ class FactoredAffinity(Affinity):
         return self.n * (self.n - 1) // 2
 
     def is_constant(self):
-        if self.n < 3:
-            return True
+        if self.n < 3:  # one pair (or none): nothing to compare
+            return False
         off_deg = self.degrees() - self.diagonal()
         if np.ptp(off_deg) > 1e-7 * max(np.abs(off_deg).max(), 1e-30):
             return False

@@ -58,10 +58,11 @@ def kmeans_silhouette(X, k_range=range(2, 11), seed: int = 0, n_init: int = 10,
     if X.ndim != 2 or not np.isfinite(X).all():
         raise GraphError("kmeans_silhouette needs a finite (n, c) array")
     n = X.shape[0]
+    n_distinct = len(np.unique(X, axis=0))
     best = (-np.inf, None, 1)
     scores = {}
     for k in k_range:
-        if k < 2 or k >= n:
+        if k < 2 or k >= n or k > n_distinct:
             continue
         labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(X)
         if len(np.unique(labels)) < 2:

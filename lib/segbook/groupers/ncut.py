@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from segbook.errors import GraphError
 from segbook.graphs.attention import check_row_stochastic
@@ -190,6 +191,15 @@ def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
     top = np.sqrt(d) / np.linalg.norm(np.sqrt(d))
     if solver == "auto":
         solver = "dense" if n <= DENSE_SOLVER_MAX_NODES else "krylov"
+    with threadpool_limits(1, user_api="blas"):
+        mu, v = _solve_top(op, solver, n, inv_sqrt, top, tol, seed)
+    x = _fix_sign(inv_sqrt * v)
+    x = x / math.sqrt(max(float((x * x * d).sum()), 1e-300))
+    return (x, float(1.0 - mu)) if return_value else x
+
+
+def _solve_top(op, solver, n, inv_sqrt, top, tol, seed):
+    """Second-largest eigenpair of ``M = D^-1/2 A D^-1/2`` (the largest after deflating ``top``)."""
     if solver == "dense":
         M = op.to_dense() * inv_sqrt[:, None] * inv_sqrt[None, :]
         M = (M + M.T) / 2
@@ -204,9 +214,7 @@ def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
                                           rng=np.random.default_rng(seed))
     else:
         raise ValueError(f"solver must be 'auto', 'dense' or 'krylov', got {solver!r}")
-    x = _fix_sign(inv_sqrt * v)
-    x = x / math.sqrt(max(float((x * x * d).sum()), 1e-300))
-    return (x, float(1.0 - mu)) if return_value else x
+    return mu, v
 
 
 # -- the threshold search -------------------------------------------------------------------
@@ -512,7 +520,10 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     def accept_fn(graph, split):
         return _stop_value(stop, graph, split, threshold)
 
-    return _run_recursion(op.n, op, split_fn, accept_fn, min_size, max_depth, stop)
+    # The heavy products run in torch; NumPy only handles n x 48 blocks, for which OpenBLAS's
+    # own threads fight torch's and slow everything down several times on a busy machine.
+    with threadpool_limits(1, user_api="blas"):
+        return _run_recursion(op.n, op, split_fn, accept_fn, min_size, max_depth, stop)
 
 
 # -- the random-walk view -------------------------------------------------------------------
@@ -641,5 +652,6 @@ def random_walk_ncut(P, threshold: float, min_size: int = 2, max_depth: int | No
     def accept_fn(walk, split):
         return split.ncut, float(threshold)
 
-    return _run_recursion(P.shape[0], _Walk(P), split_fn, accept_fn, min_size, max_depth,
-                          "threshold")
+    with threadpool_limits(1, user_api="blas"):
+        return _run_recursion(P.shape[0], _Walk(P), split_fn, accept_fn, min_size, max_depth,
+                              "threshold")
