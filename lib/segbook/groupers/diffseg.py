@@ -6,7 +6,8 @@ self-attention tensor ``P`` (``N x N`` with ``N = h * w``; row ``q`` is where qu
 ``q`` attends, a probability distribution over the ``h x w`` key positions), DiffSeg
 
 1. *attention aggregation* -- done before this module, see
-   :mod:`segbook.graphs` (resolution weights 64:32:16:8 proportional to resolution);
+   :func:`segbook.graphs.aggregate_self_attention` (resolution weights proportional to
+   resolution, 64:32:16:8);
 2. *iterative attention merging*: anchors on a regular ``M x M`` grid of query
    positions; in the first iteration each anchor's attention map is compared, by a symmetric
    Kullback-Leibler distance, with the attention map of every position, and the maps closer
