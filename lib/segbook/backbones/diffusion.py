@@ -387,7 +387,8 @@ class StableDiffusionBackbone(Backbone):
             ``"clean"`` (DiffSeg): ``z0`` itself at timestep ``t`` (default 300);
             ``"noised"`` (paper 2, DiffCut): ``sqrt(a_t) z0 + sqrt(1 - a_t) eps`` with
             ``eps ~ N(0, I)`` drawn with ``seed``; ``t`` defaults to a draw from
-            ``U{0..250}`` with ``seed`` (paper 2);
+            ``U{0..250}`` with ``seed`` (paper 2 draws a new t and new noise for every
+            forward pass: call again with a new seed);
             ``"inverted"`` (paper 1): DDIM inversion for ``inversion_steps`` of
             ``num_inference_steps`` steps, then one U-Net call at the timestep reached
             (181 for 10 of 50); ``t`` must be None.
