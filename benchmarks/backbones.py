@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 from tqdm import tqdm

@@ -1,5 +1,6 @@
 """The embedded CNN backbones: really pretrained, correct capture, stand-in attention, HED edges."""
 
+import itertools
 import sys
 
 import h5py
@@ -58,7 +59,7 @@ def test_effnet_is_really_pretrained_on_imagenet(effnet):
     cup = effnet.classify(data.coffee(), topk=5)
     assert {p.index for p in cup} & {967, 968, 504}, cup           # espresso, cup, coffee mug
     assert cup[0].label == "espresso" and abs(sum(p.probability for p in cup) - 1) < 0.5
-    assert all(a.probability >= b.probability for a, b in zip(cup, cup[1:]))
+    assert all(a.probability >= b.probability for a, b in itertools.pairwise(cup))
 
 
 def test_effnet_capture_has_the_documented_grids(effnet, coffee_capture):

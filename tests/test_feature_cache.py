@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from segbook.backbones.base import Capture, LayerCapture
-from segbook.backbones.cache import (CacheWarning, FeatureCache, capture_from_safetensors,
-                                     capture_to_safetensors, default_cache_dir)
+from segbook.backbones.cache import (
+    CacheWarning,
+    FeatureCache,
+    capture_from_safetensors,
+    capture_to_safetensors,
+    default_cache_dir,
+)
 
 
 class CountingBackbone:

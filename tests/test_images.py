@@ -5,8 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from segbook.backbones.images import (IMAGENET_MEAN, IMAGENET_STD, PAPER_RULES, image_sha256,
-                                      load_image, resize_and_crop, target_size, to_tensor)
+from segbook.backbones.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAPER_RULES,
+    image_sha256,
+    load_image,
+    resize_and_crop,
+    target_size,
+    to_tensor,
+)
 from segbook.errors import CorruptFileError
 
 

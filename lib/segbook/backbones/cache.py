@@ -21,8 +21,9 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ def capture_from_safetensors(data: bytes) -> tuple[Capture, dict]:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         structure = _decode(json.loads(header["__metadata__"]["segbook"]))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid file"
+    except Exception as exc:  # any parse failure means "not a valid file"
         raise ValueError(f"not a readable segbook capture: {exc}") from exc
     if structure.get("version") != FORMAT_VERSION:
         raise ValueError(f"capture format version {structure.get('version')} != {FORMAT_VERSION}")

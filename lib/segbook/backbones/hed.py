@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from segbook.backbones.cnn import CNNBackbone, file_fingerprint
 from segbook.backbones.images import load_image

@@ -186,7 +186,7 @@ def decode_image(source, alpha: str = "white", exif: bool = True) -> np.ndarray:
         if exif:
             try:
                 image = ImageOps.exif_transpose(image)
-            except Exception as exc:  # noqa: BLE001 - a broken EXIF block is a broken file
+            except Exception as exc:  # a broken EXIF block is a broken file
                 raise CorruptFileError(path, f"cannot apply the EXIF orientation of {path}: {exc}") from exc
         return np.ascontiguousarray(_pil_to_rgb(image, alpha, str(path)))
     if isinstance(source, Image.Image):
@@ -232,7 +232,7 @@ def target_size(height: int, width: int, mode: str | None, size) -> tuple[int, i
         else:
             ref = min(height, width) if mode == "short_side" else max(height, width)
             scale = s / ref
-            h, w = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+            h, w = (max(1, round(height * scale)), max(1, round(width * scale)))
             if mode == "short_side":
                 h, w = (s, w) if height <= width else (h, s)
             else:
