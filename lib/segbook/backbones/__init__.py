@@ -1,11 +1,13 @@
 """Backbones: load a pretrained model and capture what the papers read from it."""
 
 from segbook.backbones.base import Backbone, Capture, LayerCapture, resolve_device
+from segbook.backbones.capture import CaptureOptions
 from segbook.backbones.registry import available_backbones, load_backbone, register_backbone
 from segbook.backbones.weights import resolve_weights
 from segbook.errors import MissingWeightsError
 
-__all__ = ["Backbone", "Capture", "LayerCapture", "resolve_device", "resolve_weights",
-           "MissingWeightsError", "available_backbones", "load_backbone", "register_backbone"]
+__all__ = ["Backbone", "Capture", "CaptureOptions", "LayerCapture", "MissingWeightsError",
+           "available_backbones", "load_backbone", "register_backbone", "resolve_device",
+           "resolve_weights"]
 
 from segbook.backbones import catalog as _catalog  # noqa: E402,F401  (registers the entries)

@@ -224,7 +224,8 @@ class ViTBackbone(Backbone):
         if prefix not in ("drop", "keep"):
             raise ValueError(f"prefix must be 'drop' or 'keep', got {prefix!r}")
         opts = CaptureOptions.build(options, **option_overrides)
-        x = self.preprocess(image, size, resize)
+        pixels = as_image_tensor(image)
+        x = self.preprocess(pixels, size, resize)
         input_hw = tuple(x.shape[-2:])
         table = self.layers(input_hw)
         names = select_layer_names(table, layers, resolution, kind, self.layer_groups(),
@@ -302,7 +303,7 @@ class ViTBackbone(Backbone):
                 handle.remove()
 
         return Capture(
-            backbone=self.name, image_size=tuple(as_image_tensor(image).shape[-2:]),
+            backbone=self.name, image_size=tuple(pixels.shape[-2:]),
             layers={n: results[n] for n in names},
             meta={"model_input_size": input_hw, "grid": grid, "prefix": prefix,
                   "num_prefix_tokens": npt, "resize": resize or self.resize,
