@@ -195,6 +195,15 @@ def test_label_maps_resize_with_nearest_and_keep_their_values():
         resize_and_crop(labels, mode="square", size=5, resample="bilinear")
 
 
+def test_the_result_is_writable_and_never_the_callers_array(tmp_path):
+    image = np.zeros((4, 5, 3), np.uint8)
+    out = load_image(image)
+    out[0, 0] = 7
+    assert image[0, 0, 0] == 0
+    Image.fromarray(image).save(tmp_path / "z.png")
+    assert load_image(tmp_path / "z.png").flags.writeable
+
+
 def test_to_tensor_normalises_with_imagenet_statistics():
     image = np.zeros((2, 3, 3), np.uint8)
     image[0, 0] = 255

@@ -351,8 +351,11 @@ def load_image(source, mode: str | None = None, size=None, crop=None, *, rule: s
         raise ValueError("size was given without a mode; use mode='square', 'short_side', ...")
     rgb = decode_image(source, alpha=alpha, exif=exif)
     out = resize_and_crop(rgb, mode=mode, size=size, crop=crop, resample=resample)
-    # arrays viewed from PIL are read-only; callers (and torch.from_numpy) expect writable ones
-    return out if out.flags.writeable and out.base is not source else out.copy()
+    # arrays viewed from PIL are read-only, and an array passed in unchanged would be the
+    # caller's own: return a writable array of our own in both cases
+    if not out.flags.writeable or (isinstance(source, np.ndarray) and np.shares_memory(out, source)):
+        out = out.copy()
+    return out
 
 
 # -- tensors and hashes ---------------------------------------------------------------------
