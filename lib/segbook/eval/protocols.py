@@ -64,7 +64,8 @@ class Scores:
         the class is present.
     tp, fp, fn : (num_classes,) pixel counts summed over the dataset.
     per_image : for the per-image-averaged protocols, ``{"miou", "pixel_accuracy", "f1"}``
-        arrays with one value per image (NaN for an image without valid pixels).
+        arrays with one value per image (NaN for an image without valid pixels); with
+        ``distributed=True``, this rank's images only.
     cliou : centreline IoU (``cliou`` protocol only).
     """
 
@@ -116,17 +117,48 @@ def _accumulated(protocol, tp, fp, fn, n_valid, n_images, **extra) -> Scores:
                   n_images, **extra)
 
 
-def _nanmean_columns(rows: np.ndarray) -> np.ndarray:
-    ok = ~np.isnan(rows)
-    total = np.where(ok, rows, 0.0).sum(axis=0)
-    n = ok.sum(axis=0)
+def _sum_and_count(values: np.ndarray, axis=0):
+    """Sums and counts of the non-NaN entries (what a mean over shards needs)."""
+    ok = ~np.isnan(values)
+    return np.where(ok, values, 0.0).sum(axis=axis), ok.sum(axis=axis).astype(np.float64)
+
+
+def _ratio_or_nan(total, count):
+    total, count = np.asarray(total, np.float64), np.asarray(count, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _no_reduce(array, op="sum"):
+    return np.asarray(array)
+
+
+def _torch_all_reduce():
+    """A reducer over the default ``torch.distributed`` process group (sum or max)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process "
+                           "group (run under torchrun and call init_process_group first)")
+    on_gpu = dist.get_backend() == "nccl"
+
+    def reduce(array, op="sum"):
+        # float64 holds pixel counts exactly up to 2**53
+        t = torch.as_tensor(np.array(array, dtype=np.float64, ndmin=1))
+        if on_gpu:
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        out = t.cpu().numpy()
+        return out if np.ndim(array) else out[0]
+
+    return reduce
 
 
 def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1,
              background_many_to_one: bool = False, background_index: int = 0,
-             diffseg_code_compat: bool = False, tolerance: float = 4) -> Scores:
+             diffseg_code_compat: bool = False, tolerance: float = 4,
+             distributed: bool = False) -> Scores:
     """Score unsupervised segmentations against ground truth under one protocol.
 
     Parameters
@@ -183,6 +215,12 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
         ``google/diffseg``'s code does (see
         :func:`segbook.eval.matching.diffseg_code_outcomes`), to reproduce its numbers.
     tolerance : clIoU tolerance in pixels (``cliou`` only).
+    distributed : each ``torch.distributed`` rank passes its own shard of the images; the
+        counts (confusion matrix for the dataset protocols, TP/FP/FN and per-image sums for
+        the others) are all-reduced, so every rank returns the scores of the whole dataset.
+        Needs an initialised process group (``torchrun``; gloo on CPU, NCCL on GPUs) and at
+        least one image per rank. The dataset protocols then index clusters by their raw ids
+        (``0..max id``), so those ids must be small (cluster numbers).
 
     Returns
     -------
@@ -217,29 +255,46 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
     pairs = [check_pair(p, g, num_classes, ignore_index, i)
              for i, (p, g) in enumerate(zip(pred_list, gt_list))]
     background = background_index if bg_needed else None
+    reduce = _torch_all_reduce() if distributed else None
 
     if protocol in ("dataset", "dataset_majority"):
-        return _dataset(pairs, protocol, num_classes, ignore_index, background)
+        return _dataset(pairs, protocol, num_classes, ignore_index, background, reduce)
     return _per_image(pairs, protocol, num_classes, ignore_index, background,
-                      diffseg_code_compat, tolerance)
+                      diffseg_code_compat, tolerance, reduce)
 
 
-def _dataset(pairs, protocol, num_classes, ignore_index, background) -> Scores:
-    universe = segment_universe([p for p, _ in pairs], [g for _, g in pairs], ignore_index)
+_MAX_DISTRIBUTED_CLUSTER_ID = 1 << 20
+
+
+def _dataset(pairs, protocol, num_classes, ignore_index, background, reduce=None) -> Scores:
+    preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
+    if reduce is None:
+        universe = segment_universe(preds, gts, ignore_index)
+    else:
+        # every rank needs the same columns: all ids up to the largest on any rank
+        top = int(reduce(max(int(p.max()) if p.size else -1 for p in preds), op="max"))
+        if top >= _MAX_DISTRIBUTED_CLUSTER_ID:
+            raise ValueError(f"cluster id {top} is too large for a distributed dataset "
+                             "evaluation; number the clusters 0..K-1")
+        universe = np.arange(top + 1)
     conf = np.zeros((num_classes, universe.size), np.int64)
     n_valid = 0
     for pred, gt in pairs:
         ic = image_confusion(pred, gt, num_classes, ignore_index, segment_universe=universe)
         conf += ic.conf
         n_valid += ic.n_valid
+    n_images = len(pairs)
+    if reduce is not None:
+        conf = reduce(conf).astype(np.int64)
+        n_valid, n_images = int(reduce(n_valid)), int(reduce(n_images))
     assign = (majority_assignment(conf) if protocol == "dataset_majority"
               else hungarian_assignment(conf, background))
     tp, fp, fn = count_outcomes(conf, assign)
-    return _accumulated(protocol, tp, fp, fn, n_valid, len(pairs))
+    return _accumulated(protocol, tp, fp, fn, n_valid, n_images)
 
 
 def _per_image(pairs, protocol, num_classes, ignore_index, background, compat,
-               tolerance) -> Scores:
+               tolerance, reduce=None) -> Scores:
     n = len(pairs)
     counts = np.zeros((n, 3, num_classes), np.int64)
     n_valid = np.zeros(n, np.int64)
@@ -262,13 +317,16 @@ def _per_image(pairs, protocol, num_classes, ignore_index, background, compat,
             fg_pred = (matched >= 0) & (matched != background)
             fg_gt = ic.valid & (gt != background)
             cl_counts += centreline_counts(fg_pred, fg_gt, tolerance, valid=ic.valid)
-    tp, fp, fn = counts[:, 0].sum(0), counts[:, 1].sum(0), counts[:, 2].sum(0)
+    reduce = reduce or _no_reduce
+    tp, fp, fn = (reduce(counts[:, j].sum(0)).astype(np.int64) for j in range(3))
+    n_total = int(reduce(n))
     if protocol in ("per_image", "cliou"):
         extra = {}
         if protocol == "cliou":
-            total = int(cl_counts.sum())
+            cl_counts = reduce(cl_counts)
+            total = float(cl_counts.sum())
             extra["cliou"] = float(cl_counts[0] / total) if total else float("nan")
-        return _accumulated(protocol, tp, fp, fn, int(n_valid.sum()), n, **extra)
+        return _accumulated(protocol, tp, fp, fn, int(reduce(n_valid.sum())), n_total, **extra)
 
     iou, f1 = _ratios(counts[:, 0], counts[:, 1], counts[:, 2])  # (n, C) each
     has_pixels = n_valid > 0
@@ -276,8 +334,14 @@ def _per_image(pairs, protocol, num_classes, ignore_index, background, compat,
         img_acc = np.where(has_pixels, counts[:, 0].sum(1) / np.maximum(n_valid, 1), np.nan)
     img_miou = np.array([_nanmean(row) for row in iou])
     img_f1 = np.array([_nanmean(row) for row in f1])
-    return Scores(protocol, _nanmean(img_miou), _nanmean(img_acc), _nanmean(img_f1),
-                  _nanmean_columns(iou), _nanmean_columns(f1), tp, fp, fn, n,
+    # sums and counts of non-NaN values, all-reduced, then divided: a mean over all images
+    (miou, acc, f1_mean), class_iou, class_f1 = (
+        [_ratio_or_nan(*(reduce(v) for v in _sum_and_count(x))) for x in (img_miou, img_acc,
+                                                                          img_f1)],
+        _ratio_or_nan(*(reduce(v) for v in _sum_and_count(iou))),
+        _ratio_or_nan(*(reduce(v) for v in _sum_and_count(f1))))
+    return Scores(protocol, float(miou), float(acc), float(f1_mean), class_iou, class_f1,
+                  tp, fp, fn, n_total,
                   per_image={"miou": img_miou, "pixel_accuracy": img_acc, "f1": img_f1})
 
 
