@@ -11,7 +11,8 @@ from sklearn.metrics import adjusted_rand_score
 from segbook.errors import GraphError
 from segbook.graphs import (FactoredAffinity, adjacency, planted_partition, planted_random_walk,
                             power_walk)
-from segbook.groupers import (best_threshold_split, fiedler_vector, manc_threshold, ncut_value,
+from segbook.groupers import (best_threshold_split, fiedler_vector, manc_threshold,
+                              ncut_eigenvectors, ncut_value,
                               plain_recursive_ncut, random_walk_ncut, recursive_ncut)
 
 
@@ -68,6 +69,20 @@ def test_fiedler_vector_from_sparse_and_factored_operators():
     for graph in [sp.csr_matrix(A), FactoredAffinity(P, dtype=torch.float64)]:
         x = fiedler_vector(graph, solver="krylov", tol=1e-9)
         assert abs(x @ (d * ref)) / np.sqrt(ref @ (d * ref)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ncut_eigenvectors_dense_and_lanczos_agree():
+    A, _ = planted_partition([20, 30, 40], p_out=0.1, seed=5)
+    d = A.sum(1)
+    vals, X = ncut_eigenvectors(A, k=4)
+    vals_l, X_l = ncut_eigenvectors(A, k=4, dense_max_nodes=10)
+    np.testing.assert_allclose(vals, vals_l, atol=1e-8)
+    assert vals[0] == pytest.approx(0.0, abs=1e-10) and np.all(np.diff(vals) >= 0)
+    np.testing.assert_allclose(np.abs(X.T @ (d[:, None] * X)), np.eye(4), atol=1e-8)
+    ref, ref_lam = dense_fiedler(A)
+    assert vals[1] == pytest.approx(ref_lam)
+    for j in range(1, 4):
+        assert abs(X[:, j] @ (d * X_l[:, j])) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_fiedler_sign_is_deterministic():
@@ -198,6 +213,9 @@ def test_split_tree_is_consistent():
         else:
             assert node.reason and node.label is not None
     assert sorted(node.label for node in result.leaves()) == [0, 1, 2]
+    assert (result.labels_at_depth(0) == 0).all()
+    assert result.labels_at_depth(1).max() == 1
+    np.testing.assert_array_equal(result.labels_at_depth(10), result.labels)
     np.testing.assert_array_equal(np.asarray(result), result.labels)
 
 

@@ -33,7 +33,7 @@ from segbook.graphs.attention import check_row_stochastic
 from segbook.graphs.operators import Affinity, DenseAffinity, as_affinity
 
 __all__ = [
-    "ncut_value", "fiedler_vector", "best_threshold_split", "manc_threshold", "recursive_ncut",
+    "ncut_value", "fiedler_vector", "ncut_eigenvectors", "best_threshold_split", "manc_threshold", "recursive_ncut",
     "random_walk_ncut", "NCutResult", "SplitNode", "STOP_RULES",
 ]
 
@@ -217,6 +217,45 @@ def _solve_top(op, solver, n, inv_sqrt, top, tol, seed):
     return mu, v
 
 
+def ncut_eigenvectors(A, k: int = 4, dense_max_nodes: int = 2048):
+    """The ``k`` smallest solutions of ``(D - A) x = lambda D x`` (for figures and embeddings).
+
+    The first is constant (``lambda = 0``), the second is the Fiedler vector; the next ones
+    split the graph further (Shi and Malik show them as images). Dense ``eigh`` of the
+    normalised matrix up to ``dense_max_nodes`` nodes, SciPy's Lanczos (``eigsh``) on products
+    with ``A`` above.
+
+    Returns
+    -------
+    values : (k,) ascending ``lambda``; vectors : (n, k), each scaled to ``x^T D x = 1``, signs
+    fixed as in :func:`fiedler_vector`.
+    """
+    op = as_affinity(A)
+    n = op.n
+    k = int(min(k, n))
+    d = op.degrees()
+    if (d <= _ISOLATED_RTOL * max(d.max(), 0)).any() or d.max() <= 0:
+        raise GraphError("the graph has isolated nodes (degree 0): remove them first")
+    inv_sqrt = 1.0 / np.sqrt(d)
+    if n <= dense_max_nodes:
+        M = op.to_dense() * inv_sqrt[:, None] * inv_sqrt[None, :]
+        mu, V = scipy.linalg.eigh((M + M.T) / 2, subset_by_index=[n - k, n - 1])
+    else:
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        def matvec(x):
+            x = np.asarray(x, dtype=np.float64).reshape(n, -1)
+            return inv_sqrt[:, None] * op.matmat(inv_sqrt[:, None] * x)
+        M = LinearOperator((n, n), matvec=matvec, matmat=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(0).standard_normal(n)
+        mu, V = eigsh(M, k=k, which="LA", v0=v0, tol=1e-6)
+    order = np.argsort(-mu)
+    values = 1.0 - mu[order]
+    X = inv_sqrt[:, None] * V[:, order]
+    X = np.column_stack([_fix_sign(x) / np.sqrt((x * x * d).sum()) for x in X.T])
+    return values, X
+
+
 # -- the threshold search -------------------------------------------------------------------
 @dataclass
 class Bipartition:
@@ -369,6 +408,19 @@ class NCutResult:
 
     def leaves(self) -> list:
         return [node for node in self.tree if node.is_leaf]
+
+    def labels_at_depth(self, depth: int) -> np.ndarray:
+        """The partition after ``depth`` levels of splitting (the hierarchy, level by level).
+
+        Nodes at ``depth`` and leaves above it are the segments, labelled ``0..K-1`` by their
+        smallest node index; ``depth = 0`` gives one segment, a large depth gives ``labels``.
+        """
+        parts = [nd for nd in self.tree
+                 if nd.depth == depth or (nd.depth < depth and nd.is_leaf)]
+        labels = np.zeros(len(self.labels), dtype=np.int64)
+        for k, node in enumerate(sorted(parts, key=lambda nd: nd.indices.min())):
+            labels[node.indices] = k
+        return labels
 
 
 def _labels_from_leaves(n: int, tree: list) -> np.ndarray:
