@@ -228,11 +228,9 @@ def test_sd14_memory_table_matches_the_formula():
 
 
 def test_sd14_without_weights_names_the_id(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     monkeypatch.setenv("SEGBOOK_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError) as info:
         load_backbone("sd14", device="cpu")
     assert info.value.model_id == SD14_HUB_ID

@@ -25,11 +25,9 @@ MINIATURES = {"tiny-sd": "diffusion", "tiny-vit": "vit"}
 @pytest.fixture
 def no_weights(tmp_path, monkeypatch):
     """An empty $SEGBOOK_WEIGHTS, an empty hub cache and no network."""
-    import huggingface_hub.constants
-
     monkeypatch.setenv("SEGBOOK_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     return tmp_path
 
 

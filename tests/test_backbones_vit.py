@@ -142,11 +142,9 @@ def test_weights_load_offline_from_segbook_weights(tmp_path, monkeypatch, vit, i
 
 
 def test_missing_vit_weights_name_the_hub_id(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     monkeypatch.setenv("SEGBOOK_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError) as info:
         load_backbone("dinov3-vitl16", device="cpu")
     assert info.value.model_id == "timm/vit_large_patch16_dinov3.lvd1689m"

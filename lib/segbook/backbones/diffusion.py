@@ -106,7 +106,7 @@ class _Recorder:
     def record_features(self, name: str, output: torch.Tensor) -> None:
         fmap = output[0].detach()
         store = {"dtype": self.options.dtype,
-                     "device": fmap.device if self.options.keep_on_device else "cpu"}
+                 "device": fmap.device if self.options.keep_on_device else "cpu"}
         self.layers[name] = LayerCapture(name=name, kind="features",
                                          grid=(int(fmap.shape[-2]), int(fmap.shape[-1])),
                                          features=fmap.to(**store), heads=1, reduction="none")

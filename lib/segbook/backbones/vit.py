@@ -212,7 +212,8 @@ class ViTBackbone(Backbone):
             ``"keep"`` keeps them in front (``LayerCapture.prefix_tokens`` says how many).
         options, option_overrides : see :class:`~segbook.backbones.capture.CaptureOptions`
             (``heads="none"``, ``logits=True``, ``qkv=True``, ``features=True``,
-            ``dtype=torch.float32``, ...). A block's ``features`` are its output tokens.
+            ``dtype=torch.float32``, ...). A block's ``features`` are its output patch tokens
+            (``(C, h, w)``; CLS and registers are never in ``features``).
             Cost for DINOv3 ViT-L/16 at 640 x 640 (1600 patches, 24 layers, 16 heads):
             4.9 MiB per head-reduced float16 map, 117 MiB for all layers; 1.8 GiB with
             heads kept.

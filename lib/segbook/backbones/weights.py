@@ -37,6 +37,17 @@ def weights_root() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def hub_cache_dir() -> str | None:
+    """The Hugging Face cache as the environment says *now* (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``), or None for huggingface_hub's default. huggingface_hub reads these
+    variables once, at import, and diffusers, transformers and timm import it early."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def _has_files(directory: Path, allow_patterns: list[str] | None) -> bool:
     if not directory.is_dir():
         return False
@@ -97,7 +108,7 @@ def resolve_weights(model_id: str, allow_patterns: list[str] | None = None,
         try:
             path = Path(snapshot_download(model_id, revision=revision,
                                           allow_patterns=allow_patterns,
-                                          local_files_only=True))
+                                          cache_dir=hub_cache_dir(), local_files_only=True))
             if _has_files(path, allow_patterns):
                 return path
         except Exception:  # noqa: BLE001 - any cache miss means "not here"
@@ -106,7 +117,8 @@ def resolve_weights(model_id: str, allow_patterns: list[str] | None = None,
             tried.append("the Hugging Face hub")
             try:
                 path = Path(snapshot_download(model_id, revision=revision,
-                                              allow_patterns=allow_patterns))
+                                              allow_patterns=allow_patterns,
+                                              cache_dir=hub_cache_dir()))
                 if _has_files(path, allow_patterns):
                     return path
             except Exception:  # noqa: BLE001 - no network, gated repo, unknown id
