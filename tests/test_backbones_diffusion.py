@@ -244,3 +244,27 @@ def test_attention_probabilities_helper():
     probs, logits = attention_probabilities(q, k)
     torch.testing.assert_close(probs, torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1))
     torch.testing.assert_close(logits, q @ k.transpose(-1, -2) / 2.0)
+
+
+def test_memory_estimate_equals_what_a_capture_stores(sd, image):
+    for opts in ({}, {"heads": "none", "logits": True, "qkv": True, "features": True},
+                 {"dtype": torch.float32, "qkv": True}):
+        cap = sd.capture(image, layers="all", size=SIZE, **opts)
+        stored = sum(t.numel() * t.element_size() for layer in cap
+                     for t in layer.tensors().values())
+        assert sd.memory_estimate(layers="all", size=SIZE, **opts) == stored
+
+
+def test_head_chunks_do_not_change_the_result():
+    from segbook.backbones.capture import record_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 36, 8, generator=gen) for _ in range(3))
+    for heads in ("mean", "sum", "none"):
+        one = record_attention("x", (6, 6), q, k, v, CaptureOptions(heads=heads, logits=True,
+                                                                    dtype=torch.float32))
+        three = record_attention("x", (6, 6), q, k, v,
+                                 CaptureOptions(heads=heads, logits=True, dtype=torch.float32,
+                                                head_chunk=3))
+        torch.testing.assert_close(one.attn, three.attn)
+        torch.testing.assert_close(one.logits, three.logits)
