@@ -28,6 +28,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import adjusted_rand_score
 from tqdm import tqdm
 
 from segbook.book.paths import results_root
@@ -76,19 +77,19 @@ def main(argv=None) -> pd.DataFrame:
 
         steps.set_postfix_str(f"plain n={n}")
         if n <= args.skip_plain_above:
-            t_plain, plain = timed(lambda: plain_recursive_ncut(A, stop="manc", min_size=2), 1)
+            t_plain, plain = timed(lambda A=A: plain_recursive_ncut(A, stop="manc", min_size=2), 1)
         else:
             t_plain, plain = float("nan"), None
         steps.update()
 
         steps.set_postfix_str(f"fast n={n}")
-        t_fast, fast = timed(lambda: recursive_ncut(A, stop="manc", device=args.device),
+        t_fast, fast = timed(lambda A=A: recursive_ncut(A, stop="manc", device=args.device),
                              args.repeats)
         steps.update()
 
         steps.set_postfix_str(f"factored n={n}")
         F = FactoredAffinity(torch.from_numpy(P), device=args.device)
-        t_fact, fact = timed(lambda: recursive_ncut(F, stop="manc"), args.repeats)
+        t_fact, fact = timed(lambda F=F: recursive_ncut(F, stop="manc"), args.repeats)
         steps.update()
 
         for method, seconds, labels in [("plain", t_plain, plain),
@@ -99,6 +100,8 @@ def main(argv=None) -> pd.DataFrame:
                 "seconds": round(seconds, 4),
                 "segments": int(labels.max()) + 1 if labels is not None else None,
                 "planted_segments": len(blocks_for(n)),
+                "ari_vs_planted": (round(adjusted_rand_score(truth, labels), 4)
+                                   if labels is not None else None),
                 "same_partition_as_plain": (bool(np.array_equal(labels, plain))
                                             if plain is not None else None),
                 "speedup_over_plain": round(t_plain / seconds, 2) if plain is not None else None,

@@ -33,8 +33,16 @@ from segbook.graphs.attention import check_row_stochastic
 from segbook.graphs.operators import Affinity, DenseAffinity, as_affinity
 
 __all__ = [
-    "ncut_value", "fiedler_vector", "ncut_eigenvectors", "best_threshold_split", "manc_threshold", "recursive_ncut",
-    "random_walk_ncut", "NCutResult", "SplitNode", "STOP_RULES",
+    "STOP_RULES",
+    "NCutResult",
+    "SplitNode",
+    "best_threshold_split",
+    "fiedler_vector",
+    "manc_threshold",
+    "ncut_eigenvectors",
+    "ncut_value",
+    "random_walk_ncut",
+    "recursive_ncut",
 ]
 
 STOP_RULES = ("threshold", "manc", "scaled_mincut")
@@ -378,7 +386,7 @@ class SplitNode:
 
     @property
     def size(self) -> int:
-        return int(len(self.indices))
+        return len(self.indices)
 
     @property
     def is_leaf(self) -> bool:
@@ -437,9 +445,8 @@ def _labels_from_leaves(n: int, tree: list) -> np.ndarray:
 def _check_stop(stop: str, threshold) -> None:
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    if stop == "threshold":
-        if threshold is None or not np.isfinite(threshold):
-            raise ValueError("stop='threshold' needs a finite NCut threshold (e.g. 0.3)")
+    if stop == "threshold" and (threshold is None or not np.isfinite(threshold)):
+        raise ValueError("stop='threshold' needs a finite NCut threshold (e.g. 0.3)")
 
 
 def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop):
