@@ -64,3 +64,17 @@ def test_miniatures_load_without_weights(no_weights, name):
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="tiny-sd"):
         load_backbone("sd15")
+
+
+def test_capture_select_matches_whole_dotted_names():
+    import torch
+
+    from segbook.backbones.base import Capture, LayerCapture
+
+    cap = Capture("x", (8, 8))
+    for name, grid in [("blocks.1", (4, 4)), ("blocks.10", (2, 2)), ("up.0.attn1", (4, 4))]:
+        cap.layers[name] = LayerCapture(name, "self_attention", grid, attn=torch.eye(grid[0] ** 2))
+    assert [l.name for l in cap.select(["blocks.1"])] == ["blocks.1"]
+    assert [l.name for l in cap.select(["up.0"])] == ["up.0.attn1"]
+    assert [l.name for l in cap.select(resolution=4)] == ["blocks.1", "up.0.attn1"]
+    assert sorted(cap.attention_by_resolution()) == [2, 4]

@@ -40,7 +40,9 @@ class CountingBackbone:
         cap.layers["attn.1"] = LayerCapture("attn.1", "self_attention", (4, 4),
                                             attn=attn.to(torch.float16), logits=x @ x.T,
                                             q=q, k=q, v=q.to(torch.bfloat16), heads=heads,
-                                            reduction="sum")
+                                            reduction="sum", prefix_tokens=0)
+        cap.layers["attn.cls"] = LayerCapture("attn.cls", "self_attention", (2, 2),
+                                              attn=torch.full((5, 5), 0.2), prefix_tokens=1)
         return cap
 
 
@@ -50,8 +52,8 @@ def _assert_same_capture(a: Capture, b: Capture):
     assert all(type(b.meta[k]) is tuple for k in ("input_size", "model_input_size") if k in b.meta)
     assert list(a.layers) == list(b.layers)
     for la, lb in zip(a, b):
-        assert (la.name, la.kind, la.grid, la.heads, la.reduction) == \
-               (lb.name, lb.kind, lb.grid, lb.heads, lb.reduction)
+        assert (la.name, la.kind, la.grid, la.heads, la.reduction, la.prefix_tokens) == \
+               (lb.name, lb.kind, lb.grid, lb.heads, lb.reduction, lb.prefix_tokens)
         assert type(lb.grid) is tuple
         ta, tb = la.tensors(), lb.tensors()
         assert set(ta) == set(tb)

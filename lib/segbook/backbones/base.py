@@ -105,7 +105,11 @@ class Capture:
 
     def select(self, names: Iterable[str] | None = None, resolution: int | Iterable[int] | None = None,
                kind: str | None = None) -> list[LayerCapture]:
-        """Layers filtered by name (exact or substring), resolution and kind."""
+        """Layers filtered by name, resolution and kind.
+
+        A name selects the layer of that exact name and every layer below it in the module
+        tree: ``"up_blocks.1"`` selects ``"up_blocks.1.attentions.0..."`` but ``"blocks.1"``
+        does not select ``"blocks.10"``."""
         if isinstance(resolution, int):
             resolution = {resolution}
         elif resolution is not None:
@@ -113,7 +117,7 @@ class Capture:
         names = list(names) if names is not None else None
         picked = []
         for layer in self.layers.values():
-            if names is not None and not any(n == layer.name or n in layer.name for n in names):
+            if names is not None and not any(_name_matches(layer.name, n) for n in names):
                 continue
             if resolution is not None and layer.resolution not in resolution:
                 continue
@@ -132,6 +136,10 @@ class Capture:
             if layer.attn is not None:
                 groups.setdefault(layer.resolution, []).append(layer.attn)
         return groups
+
+
+def _name_matches(layer_name: str, wanted: str) -> bool:
+    return layer_name == wanted or layer_name.startswith(wanted + ".")
 
 
 class Backbone(ABC):

@@ -17,6 +17,7 @@ so a hit is exact and a change of any of them computes anew. Files are written a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ from segbook.book.results import atomic_write_bytes, atomic_write_text
 
 CACHE_ENV = "SEGBOOK_CACHE"
 FORMAT_VERSION = 1
+_TENSOR_FIELDS = ("attn", "logits", "q", "k", "v", "features")
+_SCALAR_FIELDS = {f.name for f in dataclasses.fields(LayerCapture)} - set(_TENSOR_FIELDS)
 _FIELDS = ("attn", "logits", "q", "k", "v", "features")
 
 
@@ -131,8 +134,13 @@ def capture_to_safetensors(capture: Capture, extra: dict | None = None) -> bytes
             seen.add(t.untyped_storage().data_ptr())
             tensors[f"{index}.{name}"] = t
             fields.append(name)
-        layers.append({"name": layer.name, "kind": layer.kind, "grid": tuple(layer.grid),
-                       "heads": layer.heads, "reduction": layer.reduction, "fields": fields})
+        # every non-tensor field of the dataclass (name, kind, grid, heads, reduction,
+        # prefix_tokens, ...), so that a field added to LayerCapture round-trips too
+        spec = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+                if f.name not in _TENSOR_FIELDS}
+        spec["grid"] = tuple(spec["grid"])
+        spec["fields"] = fields
+        layers.append(spec)
     structure = {"version": FORMAT_VERSION, "backbone": capture.backbone,
                  "image_size": tuple(capture.image_size), "meta": capture.meta,
                  "layers": layers, "extra": extra or {}}
@@ -166,9 +174,9 @@ def capture_from_safetensors(data: bytes) -> tuple[Capture, dict]:
             if key not in tensors:
                 raise ValueError(f"tensor {key} ({spec['name']}.{name}) is missing")
             values[name] = tensors[key]
-        capture.layers[spec["name"]] = LayerCapture(
-            name=spec["name"], kind=spec["kind"], grid=tuple(spec["grid"]), heads=spec["heads"],
-            reduction=spec["reduction"], **values)
+        scalars = {k: v for k, v in spec.items() if k != "fields" and k in _SCALAR_FIELDS}
+        scalars["grid"] = tuple(scalars["grid"])
+        capture.layers[spec["name"]] = LayerCapture(**scalars, **values)
     return capture, structure.get("extra", {})
 
 
