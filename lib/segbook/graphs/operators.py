@@ -50,12 +50,16 @@ def _as_index(idx) -> np.ndarray:
 
 
 def _check_finite_nonneg(values, what: str) -> None:
-    if not torch.isfinite(values).all():
-        raise GraphError(f"{what} contains NaN or Inf; clean the features or the attention first")
-    if values.numel() and values.min() < 0:
-        raise GraphError(f"{what} has negative weights (min {float(values.min()):.3g}); the "
-                         "Normalised Cut needs non-negative affinities: clip them, shift them or "
-                         "use an exponentiated similarity")
+    # Row blocks: the temporaries stay _ROW_BLOCK x n instead of a second n x n array.
+    for start in range(0, max(values.shape[0], 1), _ROW_BLOCK):
+        block = values[start:start + _ROW_BLOCK]
+        if not torch.isfinite(block).all():
+            raise GraphError(f"{what} contains NaN or Inf; clean the features or the attention "
+                             "first")
+        if block.numel() and block.min() < 0:
+            raise GraphError(f"{what} has negative weights (min {float(block.min()):.3g}); the "
+                             "Normalised Cut needs non-negative affinities: clip them, shift them "
+                             "or use an exponentiated similarity")
 
 
 class Affinity:
@@ -78,7 +82,7 @@ class Affinity:
     def diagonal(self) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def subgraph(self, idx) -> "Affinity":  # pragma: no cover - interface
+    def subgraph(self, idx) -> Affinity:  # pragma: no cover - interface
         """The induced subgraph on the nodes ``idx`` (an index array or boolean mask)."""
         raise NotImplementedError
 
@@ -140,7 +144,7 @@ class DenseAffinity(Affinity):
         _check_finite_nonneg(self.A, "the affinity matrix")
         if self.n == 0:
             return
-        scale = max(float(self.A.abs().max()), 1e-30)
+        scale = max(float(self.A.max()), 1e-30)   # A >= 0 was checked above
         if self.n <= _EXACT_SYMMETRY_CHECK_UP_TO:
             asym = float((self.A - self.A.T).abs().max())
         else:

@@ -453,7 +453,8 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
     """Depth-first recursion with an explicit stack (no Python recursion limit).
 
     ``split_fn(graph) -> (Bipartition | None, reason, isolated_mask | None)``;
-    ``accept_fn(graph, split) -> (value, limit)``; ``graph.subgraph(idx)`` makes a child.
+    ``accept_fn(graph, split) -> (value, limit)``; ``root_graph.subgraph(idx)`` makes the graph
+    of a node (for a walk, the restriction renormalised, which composes across levels).
     Terminates: every accepted split makes two non-empty, strictly smaller children.
     """
     if min_size < 1:
@@ -463,9 +464,12 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
         return NCutResult(labels=np.zeros(0, dtype=np.int64), tree=tree, stop=stop)
     root = SplitNode(id=0, parent=None, depth=0, indices=np.arange(n))
     tree.append(root)
-    stack = [(root, root_graph)]
+    # Only index sets wait on the stack; a node's subgraph is cut out of the root when the node
+    # is processed, so at most one working subgraph (at most n x n) is alive besides the root.
+    stack = [root]
     while stack:
-        node, graph = stack.pop()
+        node = stack.pop()
+        graph = root_graph if node.parent is None else root_graph.subgraph(node.indices)
         if node.size < 2 * min_size or node.size < 2:
             node.reason = "min_size"
             continue
@@ -493,9 +497,9 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
             tree.append(child)
             children.append(child)
             if grow:
-                stack.append((child, graph.subgraph(np.flatnonzero(part))))
+                stack.append(child)
         node.children = tuple(c.id for c in children)
-        del graph  # the parent's matrix is no longer needed once its children exist
+        del graph
     return NCutResult(labels=_labels_from_leaves(n, tree), tree=tree, stop=stop)
 
 
@@ -557,8 +561,10 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     1 node -> ``[0]``; a graph whose off-diagonal affinities are all equal (including a graph
     without edges) is kept whole; nodes with no edge inside the subgraph being split are set
     apart as one segment (their NCut is 0/0); disconnected components are found by the spectral
-    split itself (NCut 0). Memory: besides the input, the children of the split being made
-    (at most one ``N x N`` working copy in total for dense storage; none for factored).
+    split itself (NCut 0). Memory: besides the input, one working subgraph at a time, cut out of
+    the input when its node is processed (smaller than ``N x N``; for a factored affinity only
+    ``F[S]``), plus ``512 x N`` temporaries. A float32 dense or tensor input is used without a
+    copy; other inputs are converted once (one ``N x N`` float32 copy).
     """
     _check_stop(stop, threshold)
     op = as_affinity(A, device=device, validate=validate)
