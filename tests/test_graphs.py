@@ -6,10 +6,21 @@ import scipy.sparse as sp
 import torch
 
 from segbook.errors import GraphError
-from segbook.graphs import (DenseAffinity, FactoredAffinity, SparseAffinity, adjacency,
-                            aggregate_self_attention, as_affinity, diffseg_weights,
-                            feature_cosine_affinity, pixel_affinity, planted_random_walk,
-                            power_walk, sparsify_threshold, sparsify_topk)
+from segbook.graphs import (
+    DenseAffinity,
+    FactoredAffinity,
+    SparseAffinity,
+    adjacency,
+    aggregate_self_attention,
+    as_affinity,
+    diffseg_weights,
+    feature_cosine_affinity,
+    pixel_affinity,
+    planted_random_walk,
+    power_walk,
+    sparsify_threshold,
+    sparsify_topk,
+)
 
 
 def random_stochastic(n, seed=0):
@@ -134,7 +145,7 @@ def test_pixel_affinity_known_values():
     A = pixel_affinity(img, sigma_i=0.5, sigma_x=2.0, radius=2.0)
     assert A.shape == (42, 42)
     assert abs(A - A.T).max() < 1e-15
-    idx = lambda y, x: y * 7 + x  # noqa: E731
+    idx = lambda y, x: y * 7 + x
     assert A[idx(2, 2), idx(2, 2)] == pytest.approx(1.0)
     assert A[idx(2, 2), idx(2, 3)] == pytest.approx(np.exp(-1 / 4))
     assert A[idx(2, 3), idx(2, 4)] == pytest.approx(np.exp(-1 / 0.25 - 1 / 4))

@@ -14,17 +14,46 @@ graphs the spectral groupers cut (:mod:`segbook.groupers`):
 * :func:`planted_partition`, :func:`planted_random_walk` - graphs with a known answer.
 """
 
-from segbook.graphs.affinity import (adjacency, feature_cosine_affinity, pixel_affinity,
-                                     sparsify_threshold, sparsify_topk)
-from segbook.graphs.attention import (aggregate_self_attention, check_row_stochastic,
-                                      diffseg_weights, grid_side, power_walk)
-from segbook.graphs.operators import (Affinity, DenseAffinity, FactoredAffinity, SparseAffinity,
-                                      as_affinity)
+from segbook.graphs.affinity import (
+    adjacency,
+    feature_cosine_affinity,
+    pixel_affinity,
+    sparsify_threshold,
+    sparsify_topk,
+)
+from segbook.graphs.attention import (
+    aggregate_self_attention,
+    check_row_stochastic,
+    diffseg_weights,
+    grid_side,
+    power_walk,
+)
+from segbook.graphs.operators import (
+    Affinity,
+    DenseAffinity,
+    FactoredAffinity,
+    SparseAffinity,
+    as_affinity,
+)
 from segbook.graphs.synthetic import block_labels, planted_partition, planted_random_walk
 
 __all__ = [
-    "aggregate_self_attention", "power_walk", "diffseg_weights", "check_row_stochastic",
-    "grid_side", "adjacency", "feature_cosine_affinity", "pixel_affinity", "sparsify_topk",
-    "sparsify_threshold", "Affinity", "DenseAffinity", "SparseAffinity", "FactoredAffinity",
-    "as_affinity", "planted_partition", "planted_random_walk", "block_labels",
+    "Affinity",
+    "DenseAffinity",
+    "FactoredAffinity",
+    "SparseAffinity",
+    "adjacency",
+    "aggregate_self_attention",
+    "as_affinity",
+    "block_labels",
+    "check_row_stochastic",
+    "diffseg_weights",
+    "feature_cosine_affinity",
+    "grid_side",
+    "pixel_affinity",
+    "planted_partition",
+    "planted_random_walk",
+    "power_walk",
+    "sparsify_threshold",
+    "sparsify_topk",
 ]

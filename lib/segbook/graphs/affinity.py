@@ -18,8 +18,13 @@ import torch
 from segbook.errors import GraphError
 from segbook.graphs.operators import FactoredAffinity
 
-__all__ = ["adjacency", "feature_cosine_affinity", "pixel_affinity", "sparsify_topk",
-           "sparsify_threshold"]
+__all__ = [
+    "adjacency",
+    "feature_cosine_affinity",
+    "pixel_affinity",
+    "sparsify_threshold",
+    "sparsify_topk",
+]
 
 
 def _as_tensor(x) -> torch.Tensor:

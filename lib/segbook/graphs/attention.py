@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from segbook.errors import GraphError
 
-__all__ = ["aggregate_self_attention", "power_walk", "diffseg_weights", "check_row_stochastic"]
+__all__ = ["aggregate_self_attention", "check_row_stochastic", "diffseg_weights", "power_walk"]
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:

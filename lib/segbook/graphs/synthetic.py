@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["planted_partition", "planted_random_walk", "block_labels"]
+__all__ = ["block_labels", "planted_partition", "planted_random_walk"]
 
 
 def block_labels(sizes) -> np.ndarray:

@@ -10,13 +10,34 @@
 
 from segbook.groupers.diffcut import diffcut_segment, plain_recursive_ncut
 from segbook.groupers.kmeans import KMeansSelection, kmeans_silhouette
-from segbook.groupers.ncut import (NCutResult, SplitNode, best_threshold_split, fiedler_vector,
-                                   manc_threshold, ncut_eigenvectors, ncut_value,
-                                   random_walk_ncut, recursive_ncut)
+from segbook.groupers.ncut import (
+    NCutResult,
+    SplitNode,
+    best_threshold_split,
+    fiedler_vector,
+    manc_threshold,
+    ncut_eigenvectors,
+    ncut_value,
+    random_walk_ncut,
+    recursive_ncut,
+)
 from segbook.groupers.tokencut import maskcut, tokencut, tokencut_affinity
 
 __all__ = [
-    "ncut_value", "fiedler_vector", "ncut_eigenvectors", "best_threshold_split", "manc_threshold", "recursive_ncut",
-    "random_walk_ncut", "NCutResult", "SplitNode", "diffcut_segment", "plain_recursive_ncut",
-    "tokencut", "tokencut_affinity", "maskcut", "kmeans_silhouette", "KMeansSelection",
+    "KMeansSelection",
+    "NCutResult",
+    "SplitNode",
+    "best_threshold_split",
+    "diffcut_segment",
+    "fiedler_vector",
+    "kmeans_silhouette",
+    "manc_threshold",
+    "maskcut",
+    "ncut_eigenvectors",
+    "ncut_value",
+    "plain_recursive_ncut",
+    "random_walk_ncut",
+    "recursive_ncut",
+    "tokencut",
+    "tokencut_affinity",
 ]

@@ -16,7 +16,7 @@ from sklearn.metrics import silhouette_score
 
 from segbook.errors import GraphError
 
-__all__ = ["kmeans_silhouette", "KMeansSelection"]
+__all__ = ["KMeansSelection", "kmeans_silhouette"]
 
 
 @dataclass

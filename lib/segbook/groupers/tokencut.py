@@ -19,7 +19,7 @@ import torch
 from segbook.errors import GraphError
 from segbook.groupers.ncut import fiedler_vector
 
-__all__ = ["tokencut_affinity", "tokencut", "maskcut"]
+__all__ = ["maskcut", "tokencut", "tokencut_affinity"]
 
 
 def tokencut_affinity(features, tau: float = 0.2, eps: float = 1e-5) -> np.ndarray:
