@@ -1,0 +1,46 @@
+"""Pipelines: a paper's method as one reusable call, and the other methods on the same captures.
+
+* :func:`walk_and_cut` / :func:`segment_attention` / :func:`run_batch` - paper 1
+  (*Diffusing, Walking and Cutting*): capture, aggregation, random walk or ``P^k``
+  adjacency, recursive NCut with a fixed or MAN-C stop, section 3.6 upsampling, optional PAMR.
+* :mod:`segbook.pipelines.upsample` - paper 1's cosine upsampling and DiffCut's dot-product
+  upsampling without forming the upsampled rows.
+"""
+
+from segbook.pipelines.upsample import (
+    cosine_upsample,
+    cosine_upsample_bruteforce,
+    dot_upsample,
+    nearest_upsample,
+    segment_means,
+    upsampled_row_norms,
+)
+from segbook.pipelines.walk_and_cut import (
+    SegmentationResult,
+    WalkAndCutConfig,
+    WalkAndCutResult,
+    aggregate_attention,
+    capture_attention,
+    peak_memory,
+    run_batch,
+    segment_attention,
+    walk_and_cut,
+)
+
+__all__ = [
+    "SegmentationResult",
+    "WalkAndCutConfig",
+    "WalkAndCutResult",
+    "aggregate_attention",
+    "capture_attention",
+    "cosine_upsample",
+    "cosine_upsample_bruteforce",
+    "dot_upsample",
+    "nearest_upsample",
+    "peak_memory",
+    "run_batch",
+    "segment_attention",
+    "segment_means",
+    "upsampled_row_norms",
+    "walk_and_cut",
+]

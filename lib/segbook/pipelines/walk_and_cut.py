@@ -1,0 +1,592 @@
+"""Paper 1's pipeline as one call: diffuse, walk, cut, upsample.
+
+*Unsupervised Segmentation by Diffusing, Walking and Cutting* (paper 1):
+
+1. capture self-attention of the U-Net decoder after DDIM inversion (10 of 50 steps), heads
+   averaged (section 3.1) -- :meth:`StableDiffusionBackbone.capture` with ``mode="inverted"``;
+2. aggregate the resolutions 8/16/32/64 with DiffSeg's weights into a row-stochastic ``P``
+   (section 3.1) -- :func:`aggregate_attention`;
+3. either (a) NCut on the random walk ``P`` itself (section 3.2) with a fixed threshold, or
+   (b) ``A = P^k (P^k)^T`` ("dot") or the cosine of the rows of ``P^k`` (section 3.3), cut by
+   recursive NCut (section 3.4) with a fixed threshold or a MAN-C stop (section 3.5);
+4. mean attention row per segment, and every pixel to the segment of highest cosine similarity
+   with its bilinearly upsampled row (section 3.6) -- :func:`~segbook.pipelines.upsample.cosine_upsample`;
+5. optionally PAMR (paper 1, Table 5; :func:`segbook.groupers.pamr.refine_labels`).
+
+:func:`segment_attention` runs steps 2-5 on captured maps (or on a ready ``P``),
+:func:`walk_and_cut` runs 1-5 on an image, :func:`run_batch` on a list of images. Every
+result records per-step wall time and the peak memory of the call.
+
+Nothing here forms ``A``: the NCut solver only needs products ``A X = P^k ((P^k)^T X)``
+(:class:`~segbook.graphs.operators.FactoredAffinity`), and the upsampling never forms the
+``(H W) x N`` matrix of upsampled rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segbook.errors import GraphError
+from segbook.graphs.affinity import adjacency as build_adjacency
+from segbook.graphs.attention import check_row_stochastic, diffseg_weights, power_walk
+from segbook.groupers.ncut import STOP_RULES, random_walk_ncut, recursive_ncut
+from segbook.pipelines.upsample import cosine_upsample, nearest_upsample
+
+__all__ = ["SegmentationResult", "WalkAndCutConfig", "WalkAndCutResult", "aggregate_attention",
+           "peak_memory", "run_batch", "segment_attention", "walk_and_cut"]
+
+METHODS = ("adjacency", "random_walk")
+ADJACENCIES = ("dot", "cosine")
+UPSAMPLERS = ("cosine", "nearest")
+STEPS = ("capture", "aggregate", "power_walk", "adjacency", "ncut", "upsample", "pamr", "total")
+
+
+# -- configuration and result ---------------------------------------------------------------
+@dataclass(frozen=True)
+class WalkAndCutConfig:
+    """Settings of paper 1's pipeline (defaults: its best variant, dot product, k = 1, MAN-C).
+
+    Parameters
+    ----------
+    method : ``"adjacency"`` (section 3.3: NCut on ``A`` built from ``P^k``) or
+        ``"random_walk"`` (section 3.2: NCut on ``P`` itself, fixed threshold).
+    adjacency : ``"dot"`` (``A = P^k (P^k)^T``) or ``"cosine"`` (cosine of the rows of ``P^k``).
+    k : walk length, ``P^k`` before the adjacency (section 3.3; Table 2 uses 1-5).
+    resolutions : the attention resolutions aggregated (None: every captured one), e.g.
+        ``(16, 32, 64)``; weights are DiffSeg's, renormalised over the subset.
+    stop : ``"manc"`` (NCut vs the MAN-C threshold), ``"scaled_mincut"`` (cut / T vs MAN-C) or
+        ``"threshold"`` (NCut vs ``threshold``) -- section 3.5. The random walk always uses
+        ``"threshold"``.
+    threshold : the NCut threshold for ``stop="threshold"`` and the random walk (paper 1:
+        0.4-0.6 for the adjacency, Table 1; 0.3 for the random walk, Table 4).
+    min_size : smallest segment in tokens (both sides of a split keep at least this many).
+    max_depth : deepest split (None: no limit).
+    upsample : ``"cosine"`` (section 3.6) or ``"nearest"`` (token labels repeated).
+    out_size : ``(H, W)`` of the label map (None: the image's size, else the capture's input
+        size).
+    pamr : refine the labels with PAMR (10 iterations, dilations 1, 2, 4, 8, 3 x 3 median; Table 5).
+        Needs the image.
+    seed : seed of the eigen-solvers' start vectors (results are deterministic).
+    """
+
+    method: str = "adjacency"
+    adjacency: str = "dot"
+    k: int = 1
+    resolutions: tuple[int, ...] | None = None
+    stop: str = "manc"
+    threshold: float | None = None
+    min_size: int = 2
+    max_depth: int | None = None
+    upsample: str = "cosine"
+    out_size: tuple[int, int] | None = None
+    pamr: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency must be one of {ADJACENCIES}, got {self.adjacency!r}")
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {STOP_RULES}, got {self.stop!r}")
+        needs_threshold = self.method == "random_walk" or self.stop == "threshold"
+        if needs_threshold and (self.threshold is None or not math.isfinite(self.threshold)
+                                or self.threshold <= 0):
+            what = "the random walk" if self.method == "random_walk" else "stop='threshold'"
+            raise ValueError(f"{what} needs a positive NCut threshold (paper 1: 0.3 for the "
+                             f"random walk, 0.4-0.6 for the adjacency), got {self.threshold!r}")
+        if self.method == "random_walk" and self.k != 1:
+            raise ValueError("the random-walk method cuts P itself; k applies to method='adjacency'")
+        if self.resolutions is not None:
+            res = tuple(sorted(int(r) for r in self.resolutions))
+            if not res or any(r < 1 for r in res):
+                raise ValueError(f"resolutions must be positive grid sides, got {self.resolutions}")
+            object.__setattr__(self, "resolutions", res)
+        if int(self.min_size) != self.min_size or self.min_size < 1:
+            raise ValueError(f"min_size must be a positive integer, got {self.min_size!r}")
+        if self.max_depth is not None and (int(self.max_depth) != self.max_depth
+                                           or self.max_depth < 0):
+            raise ValueError(f"max_depth must be None or >= 0, got {self.max_depth!r}")
+        if self.upsample not in UPSAMPLERS:
+            raise ValueError(f"upsample must be one of {UPSAMPLERS}, got {self.upsample!r}")
+        if self.out_size is not None:
+            object.__setattr__(self, "out_size", _size2(self.out_size))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SegmentationResult:
+    """One image's segmentation, with what it cost.
+
+    Attributes
+    ----------
+    labels : (H, W) int64 label map, ``0..K-1``.
+    token_labels : (h, w) int64 labels on the token grid (before upsampling).
+    n_segments : ``K``, distinct labels in ``labels``.
+    tree : the split tree (list of :class:`~segbook.groupers.ncut.SplitNode`) or None.
+    timings : step -> seconds (``capture``, ``aggregate``, ``power_walk``, ``adjacency``,
+        ``ncut``, ``upsample``, ``pamr``, ``total``; 0 for a step not run).
+    peak_memory_bytes : peak resident memory during the call (CPU), or
+        ``torch.cuda.max_memory_allocated`` when the work ran on a GPU.
+    backbone : the backbone's name (None for attention given directly).
+    stand_in : True when the attention is a CNN's feature-similarity stand-in.
+    config : the settings (a :class:`WalkAndCutConfig` or a grouper's parameters).
+    method : the grouper's name.
+    """
+
+    labels: np.ndarray
+    token_labels: np.ndarray
+    n_segments: int
+    tree: list | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    backbone: str | None = None
+    stand_in: bool = False
+    config: Any = None
+    method: str = "walk_and_cut"
+
+
+@dataclass
+class WalkAndCutResult(SegmentationResult):
+    """The result of :func:`walk_and_cut` / :func:`segment_attention` (see
+    :class:`SegmentationResult`)."""
+
+
+def _size2(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        size = (size, size)
+    H, W = (int(s) for s in size)
+    if H < 1 or W < 1:
+        raise ValueError(f"sizes must be positive, got {size}")
+    return H, W
+
+
+# -- memory and time ------------------------------------------------------------------------
+def _read_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    # Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS.
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def peak_memory(device=None):
+    """Measure the peak memory of a block: ``with peak_memory() as peak: ...; peak["bytes"]``.
+
+    On a CUDA device: ``torch.cuda.max_memory_allocated`` after a reset. On the CPU: the peak
+    resident set size of the process (``VmHWM``, reset at entry where Linux allows it; else the
+    process's lifetime peak from ``getrusage``, an upper bound).
+    """
+    out = {"bytes": 0, "kind": "cpu_rss"}
+    cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out["kind"] = "cuda_allocated"
+    reset = _reset_rss_peak()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize(device)
+            out["bytes"] = int(torch.cuda.max_memory_allocated(device))
+        else:
+            peak = _read_status("VmHWM") if reset else None
+            if peak is None:
+                import resource
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                out["kind"] = "cpu_rss_lifetime"
+            out["bytes"] = int(peak)
+
+
+class _Clock:
+    """Per-step wall time (synchronising CUDA so that GPU steps are timed, not queued)."""
+
+    def __init__(self, device=None):
+        self.times = {step: 0.0 for step in STEPS}
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[name] += time.perf_counter() - t0
+
+    def finish(self, extra: float = 0.0) -> dict[str, float]:
+        self.times["total"] = time.perf_counter() - self.start + extra
+        return dict(self.times)
+
+
+# -- aggregation ----------------------------------------------------------------------------
+def _as_map(x) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if not t.is_floating_point():
+        raise GraphError(f"attention maps must be floating point, got {t.dtype}")
+    return t
+
+
+def _mean_map(value, r: int, device=None) -> torch.Tensor:
+    """Average of one resolution's maps (a tensor with leading head/layer axes, or a list)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise GraphError(f"no attention maps for resolution {r}")
+    total, count = None, 0
+    for item in items:
+        t = _as_map(item)
+        if t.shape[-2:] != (r * r, r * r):
+            raise GraphError(f"attention map for resolution {r} must end in ({r * r}, {r * r}), "
+                             f"got {tuple(t.shape)}")
+        t = t.to(device) if device is not None else t
+        t = t.reshape(-1, r * r, r * r)
+        for layer in t:                       # float32 accumulation, one map at a time
+            if total is None:
+                total = layer.to(torch.float32, copy=True)
+            else:
+                total.add_(layer)
+            count += 1
+    return total.div_(count)
+
+
+def aggregate_attention(maps: Mapping, resolutions=None, weights="diffseg",
+                        output_resolution: int | None = None, device=None) -> torch.Tensor:
+    """DiffSeg's multi-resolution aggregation (paper 1, section 3.1), in float32 and in place.
+
+    The same result as :func:`segbook.graphs.aggregate_self_attention` (keys upsampled
+    bilinearly and renormalised, queries repeated, weights proportional to resolution), up to
+    float32 rounding, about ten times faster at 64^2 tokens: maps are averaged in float32, and
+    each lower-resolution map is added into the output through a broadcast view instead of an
+    expanded copy.
+
+    Parameters
+    ----------
+    maps : ``{resolution: tensor or list of tensors}`` (``Capture.attention_by_resolution()``);
+        each tensor ``(..., r^2, r^2)`` with rows summing to 1 (leading axes averaged).
+    resolutions : subset to use (None: all).
+    weights : ``"diffseg"``, ``"uniform"`` or a mapping ``resolution -> weight``.
+    output_resolution : ``R`` (default: the largest used); a multiple of every ``r``.
+    device : where to aggregate (default: where the maps are).
+
+    Returns
+    -------
+    torch.Tensor ``(R^2, R^2)`` float32, row-stochastic.
+    """
+    if not isinstance(maps, Mapping) or not maps:
+        raise GraphError("no attention maps to aggregate (expected {resolution: maps})")
+    lookup = {int(r): v for r, v in maps.items()}
+    use = sorted(int(r) for r in (resolutions if resolutions is not None else lookup))
+    missing = [r for r in use if r not in lookup]
+    if missing:
+        raise GraphError(f"no attention maps for resolutions {missing}; captured: {sorted(lookup)}")
+    R = int(output_resolution or max(use))
+    if isinstance(weights, str):
+        if weights == "diffseg":
+            w = diffseg_weights(use)
+        elif weights == "uniform":
+            w = {r: 1.0 / len(use) for r in use}
+        else:
+            raise ValueError(f"weights must be 'diffseg', 'uniform' or a mapping, got {weights!r}")
+    else:
+        w = {r: float(weights[r]) for r in use}
+    total = sum(w.values())
+    if total <= 0 or any(v < 0 for v in w.values()):
+        raise GraphError(f"resolution weights must be non-negative and not all 0, got {w}")
+    out = None
+    for r in sorted(use, reverse=True):
+        if R % r:
+            raise GraphError(f"output resolution {R} is not a multiple of resolution {r}")
+        S = _mean_map(lookup[r], r, device)
+        check_row_stochastic(S)
+        wr = w[r] / total
+        if out is None:
+            out = torch.zeros(R * R, R * R, dtype=torch.float32, device=S.device)
+        if r == R:
+            out.add_(S, alpha=wr)
+            continue
+        keys = F.interpolate(S.reshape(r * r, 1, r, r), size=(R, R), mode="bilinear",
+                             align_corners=False).reshape(r * r, R * R)
+        keys.div_(keys.sum(1, keepdim=True))
+        f = R // r
+        # Query (qy, qx) on the r-grid is the query (qy f + a, qx f + b) on the R-grid.
+        out.view(r, f, r, f, R * R).add_(keys.view(r, 1, r, 1, R * R), alpha=wr)
+        del keys, S
+    return out
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+def _as_transition(P, grid) -> tuple[torch.Tensor, tuple[int, int]]:
+    P = _as_map(P)
+    if P.ndim == 4:
+        h, w = P.shape[:2]
+        if tuple(P.shape[2:]) != (h, w):
+            raise GraphError(f"a 4-d attention tensor must be (h, w, h, w), got {tuple(P.shape)}")
+        P, grid = P.reshape(h * w, h * w), (h, w) if grid is None else grid
+    if P.ndim != 2 or P.shape[0] != P.shape[1]:
+        raise GraphError(f"P must be a square (N, N) transition matrix, got {tuple(P.shape)}")
+    if P.dtype not in (torch.float32, torch.float64):
+        P = P.float()
+    check_row_stochastic(P)
+    n = P.shape[0]
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise GraphError(f"N = {n} tokens are not a square grid; pass grid=(h, w)")
+        grid = (side, side)
+    h, w = (int(s) for s in grid)
+    if h * w != n:
+        raise GraphError(f"grid {h} x {w} has {h * w} tokens, P has {n}")
+    return P, (h, w)
+
+
+def _image_array(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+            t = t.permute(1, 2, 0)
+        arr = t.numpy()
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return arr
+    if isinstance(image, np.ndarray):
+        return image
+    from segbook.backbones.images import load_image
+    return load_image(image)
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == tuple(size):
+        return image
+    from PIL import Image
+    H, W = size
+    return np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape).astype(np.int64)
+
+
+def _pamr_refine(image, labels: np.ndarray) -> np.ndarray:
+    from segbook.groupers.pamr import refine_labels
+    if image is None:
+        raise ValueError("pamr=True needs the image (pass image=...)")
+    rgb = _resize_image(_image_array(image), labels.shape)
+    return refine_labels(rgb, labels)
+
+
+def _cut(P: torch.Tensor, config: WalkAndCutConfig, clock: _Clock):
+    """Steps 3 of the pipeline; returns (token labels, tree, rows used for upsampling)."""
+    if config.method == "random_walk":
+        with clock.step("ncut"):
+            result = random_walk_ncut(P, threshold=config.threshold, min_size=config.min_size,
+                                      max_depth=config.max_depth, seed=config.seed,
+                                      device=P.device)
+        return result.labels, result.tree, P
+    with clock.step("power_walk"):
+        Pk = P if config.k == 1 else power_walk(P, config.k, validate=False)
+    with clock.step("adjacency"):
+        # Factored: A = F F^T with F = P^k (or its row-normalised version); never formed.
+        op = build_adjacency(Pk, kind=config.adjacency, factored=True)
+    with clock.step("ncut"):
+        result = recursive_ncut(op, stop=config.stop, threshold=config.threshold,
+                                min_size=config.min_size, max_depth=config.max_depth,
+                                seed=config.seed, validate=False)
+    return result.labels, result.tree, Pk
+
+
+def segment_attention(attn, config: WalkAndCutConfig | None = None, out_size=None, image=None,
+                      grid=None, device=None, **overrides) -> WalkAndCutResult:
+    """Everything after capture: aggregation, ``P^k``, adjacency, NCut, upsampling, PAMR.
+
+    Parameters
+    ----------
+    attn : ``{resolution: maps}`` as :meth:`Capture.attention_by_resolution` returns (or a
+        :class:`~segbook.backbones.base.Capture`), aggregated with DiffSeg's weights over
+        ``config.resolutions``; or one row-stochastic ``P`` ``(N, N)`` (or ``(h, w, h, w)``)
+        already aggregated.
+    config : :class:`WalkAndCutConfig` (default: paper 1's best variant); keyword ``overrides``
+        replace its fields (``segment_attention(maps, k=3)``).
+    out_size : ``(H, W)`` of the labels; default ``config.out_size``, else the image's size,
+        else the token grid (no upsampling).
+    image : the image (array, tensor, PIL or path), for PAMR and the default ``out_size``.
+    grid : ``(h, w)`` of a non-square token grid (default: square).
+    device : run on this torch device (default: where the maps are).
+
+    Returns
+    -------
+    :class:`WalkAndCutResult`.
+
+    Raises
+    ------
+    GraphError for maps or ``P`` that are not row-stochastic, contain NaN, or have the wrong
+    shape; ValueError for unknown options.
+    """
+    config = replace(config or WalkAndCutConfig(), **overrides) if overrides \
+        else (config or WalkAndCutConfig())
+    if not isinstance(config, WalkAndCutConfig):
+        raise TypeError(f"config must be a WalkAndCutConfig, got {type(config).__name__}")
+    from segbook.backbones.base import Capture
+    backbone, stand_in = None, False
+    if isinstance(attn, Capture):
+        backbone, stand_in = attn.backbone, bool(attn.meta.get("stand_in", False))
+        attn = attn.attention_by_resolution()
+    rgb = _image_array(image) if image is not None else None
+    with peak_memory(device) as peak:
+        clock = _Clock(device)
+        with torch.no_grad():
+            with clock.step("aggregate"):
+                if isinstance(attn, Mapping):
+                    P = aggregate_attention(attn, resolutions=config.resolutions, device=device)
+                    P, hw = _as_transition(P, grid)
+                else:
+                    if config.resolutions is not None:
+                        raise ValueError("config.resolutions selects maps to aggregate; a ready "
+                                         "P has none (pass the per-resolution maps)")
+                    P, hw = _as_transition(attn if device is None else _as_map(attn).to(device),
+                                           grid)
+            token_labels, tree, rows = _cut(P, config, clock)
+            size = out_size if out_size is not None else config.out_size
+            if size is None:
+                size = rgb.shape[:2] if rgb is not None else hw
+            size = _size2(size)
+            with clock.step("upsample"):
+                if size == hw:
+                    labels = torch.from_numpy(token_labels.reshape(hw))
+                elif config.upsample == "cosine":
+                    labels = cosine_upsample(rows, token_labels, hw, size)
+                else:
+                    labels = nearest_upsample(token_labels, hw, size)
+                labels = labels.cpu().numpy()
+            if config.pamr:
+                with clock.step("pamr"):
+                    labels = _pamr_refine(rgb, labels)
+            labels = _renumber(labels)
+        timings = clock.finish()
+    return WalkAndCutResult(labels=labels, token_labels=token_labels.reshape(hw).astype(np.int64),
+                            n_segments=int(labels.max()) + 1, tree=tree, timings=timings,
+                            peak_memory_bytes=peak["bytes"], backbone=backbone,
+                            stand_in=stand_in, config=config, method="walk_and_cut")
+
+
+def capture_attention(image, backbone, capture_kwargs: Mapping | None = None,
+                      progress: bool = True):
+    """Capture what paper 1 reads (section 3.1) with the settings of each backbone family.
+
+    ``StableDiffusionBackbone``: decoder self-attention (``layers="decoder"``) after DDIM
+    inversion for 10 of 50 steps (``mode="inverted"``). CNN backbones: their feature-similarity
+    stand-in (``kind="self_attention"``). Other backbones: their own defaults.
+    ``capture_kwargs`` override these.
+    """
+    kwargs = dict(capture_kwargs or {})
+    family = getattr(backbone, "family", None)
+    if family == "diffusion":
+        defaults = {"layers": "decoder", "mode": "inverted", "num_inference_steps": 50,
+                    "inversion_steps": 10, "progress": progress}
+    elif family == "cnn":
+        defaults = {"kind": "self_attention"}
+    else:
+        defaults = {}
+    return backbone.capture(image, **{**defaults, **kwargs})
+
+
+def walk_and_cut(image, backbone, config: WalkAndCutConfig | None = None,
+                 capture_kwargs: Mapping | None = None, progress: bool = True,
+                 **overrides) -> WalkAndCutResult:
+    """Paper 1 end to end on one image: capture (section 3.1), then :func:`segment_attention`.
+
+    Parameters
+    ----------
+    image : path, PIL image, ``(H, W, 3)`` uint8 array or tensor.
+    backbone : a loaded :class:`~segbook.backbones.base.Backbone` (``load_backbone("sd14")``,
+        ``"tiny-sd"``, ``"effnet-lite0"``, ...).
+    config : :class:`WalkAndCutConfig`; keyword ``overrides`` replace its fields.
+    capture_kwargs : passed to the backbone's ``capture`` (see :func:`capture_attention`).
+    progress : the DDIM inversion's progress bar.
+
+    Returns
+    -------
+    :class:`WalkAndCutResult` whose ``labels`` have the image's size (or ``config.out_size``),
+    with the capture's time in ``timings["capture"]`` and ``total``, and the peak memory of
+    the whole call.
+
+    Examples
+    --------
+    >>> bb = load_backbone("tiny-sd")                                       # doctest: +SKIP
+    >>> res = walk_and_cut(image, bb, WalkAndCutConfig(k=2))                # doctest: +SKIP
+    >>> res.labels.shape, res.n_segments, res.timings["ncut"]               # doctest: +SKIP
+    """
+    config = replace(config or WalkAndCutConfig(), **overrides) if overrides \
+        else (config or WalkAndCutConfig())
+    rgb = _image_array(image)
+    device = getattr(backbone, "device", None)
+    with peak_memory(device) as peak:
+        t0 = time.perf_counter()
+        cap = capture_attention(rgb, backbone, capture_kwargs, progress)
+        if getattr(backbone, "device", None) is not None and \
+                torch.device(backbone.device).type == "cuda":
+            torch.cuda.synchronize()
+        t_capture = time.perf_counter() - t0
+        out = segment_attention(cap, config, image=rgb,
+                                device=device if device is not None and
+                                torch.device(device).type == "cuda" else None)
+    out.timings["capture"] = t_capture
+    out.timings["total"] += t_capture
+    out.peak_memory_bytes = max(peak["bytes"], out.peak_memory_bytes)
+    out.backbone = getattr(backbone, "name", out.backbone)
+    out.stand_in = bool(getattr(backbone, "stand_in", out.stand_in))
+    return out
+
+
+def run_batch(images, backbone, config: WalkAndCutConfig | None = None,
+              capture_kwargs: Mapping | None = None, progress: bool = True,
+              **overrides) -> list[WalkAndCutResult]:
+    """:func:`walk_and_cut` on each image, with a progress bar (per-image timings and memory
+    are in each result).
+
+    Parameters
+    ----------
+    images : an iterable of images (paths, arrays, PIL images, tensors).
+    backbone, config, capture_kwargs, overrides : as :func:`walk_and_cut`.
+    progress : show a tqdm bar over the images (the DDIM bars are switched off).
+    """
+    from tqdm.auto import tqdm
+    images = list(images)
+    results = []
+    bar = tqdm(images, desc=f"walk and cut ({getattr(backbone, 'name', 'backbone')})",
+               unit="image", disable=not progress)
+    for image in bar:
+        res = walk_and_cut(image, backbone, config, capture_kwargs, progress=False, **overrides)
+        bar.set_postfix(segments=res.n_segments, seconds=f"{res.timings['total']:.2f}")
+        results.append(res)
+    return results
