@@ -3,10 +3,24 @@
 * :func:`walk_and_cut` / :func:`segment_attention` / :func:`run_batch` - paper 1
   (*Diffusing, Walking and Cutting*): capture, aggregation, random walk or ``P^k``
   adjacency, recursive NCut with a fixed or MAN-C stop, section 3.6 upsampling, optional PAMR.
+* :mod:`segbook.pipelines.groupers` - :class:`WalkAndCut`, :class:`DiffSegGrouper`,
+  :class:`DiffCut`, :class:`KMeansGrouper` with one ``fit_predict(source, out_size, image)``;
+  :func:`segment_with` (by name) and :func:`compare_methods` (one capture, several groupers).
+* :mod:`segbook.pipelines.synthetic` - planted-region attention with a known answer.
 * :mod:`segbook.pipelines.upsample` - paper 1's cosine upsampling and DiffCut's dot-product
   upsampling without forming the upsampled rows.
 """
 
+from segbook.pipelines.groupers import (
+    GROUPERS,
+    DiffCut,
+    DiffSegGrouper,
+    KMeansGrouper,
+    WalkAndCut,
+    compare_methods,
+    segment_with,
+)
+from segbook.pipelines.synthetic import planted_attention, planted_scene
 from segbook.pipelines.upsample import (
     cosine_upsample,
     cosine_upsample_bruteforce,
@@ -17,6 +31,7 @@ from segbook.pipelines.upsample import (
 )
 from segbook.pipelines.walk_and_cut import (
     SegmentationResult,
+    WalkAffinity,
     WalkAndCutConfig,
     WalkAndCutResult,
     aggregate_attention,
@@ -28,19 +43,29 @@ from segbook.pipelines.walk_and_cut import (
 )
 
 __all__ = [
+    "GROUPERS",
+    "DiffCut",
+    "DiffSegGrouper",
+    "KMeansGrouper",
     "SegmentationResult",
+    "WalkAffinity",
+    "WalkAndCut",
     "WalkAndCutConfig",
     "WalkAndCutResult",
     "aggregate_attention",
     "capture_attention",
+    "compare_methods",
     "cosine_upsample",
     "cosine_upsample_bruteforce",
     "dot_upsample",
     "nearest_upsample",
     "peak_memory",
+    "planted_attention",
+    "planted_scene",
     "run_batch",
     "segment_attention",
     "segment_means",
+    "segment_with",
     "upsampled_row_norms",
     "walk_and_cut",
 ]

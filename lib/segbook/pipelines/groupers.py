@@ -1,0 +1,360 @@
+"""Paper 1 and its baselines behind one interface, for comparison tables on the same captures.
+
+Every grouper here has ``fit_predict(source, out_size=None, image=None) -> SegmentationResult``,
+where ``source`` is a :class:`~segbook.backbones.base.Capture`, the ``{resolution: maps}``
+dictionary it gives, a ready row-stochastic ``P`` or (DiffCut) a feature map:
+
+=====================  ========================================================================
+:class:`WalkAndCut`    paper 1 (:func:`~segbook.pipelines.walk_and_cut.segment_attention`)
+:class:`DiffSegGrouper` DiffSeg: anchors, symmetric-KL merging, bilinear upsampling + argmax
+                       (:class:`segbook.groupers.DiffSeg`)
+:class:`DiffCut`       DiffCut: feature cosine ** alpha, recursive NCut with tau, mean features
+                       upsampled by dot product, optional PAMR
+                       (:func:`segbook.groupers.diffcut_segment`)
+:class:`KMeansGrouper` K-means on the attention rows (K fixed, or chosen by silhouette)
+=====================  ========================================================================
+
+:func:`segment_with` builds one by name; :func:`compare_methods` captures each image once
+and runs several groupers on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from segbook.errors import GraphError
+from segbook.groupers.diffcut import diffcut_segment
+from segbook.groupers.diffseg import DiffSeg
+from segbook.groupers.kmeans import kmeans_silhouette
+from segbook.pipelines.upsample import cosine_upsample, dot_upsample, nearest_upsample
+from segbook.pipelines.walk_and_cut import (
+    SegmentationResult,
+    WalkAndCutConfig,
+    _as_transition,
+    _Clock,
+    _image_array,
+    _pamr_refine,
+    _renumber,
+    _size2,
+    aggregate_attention,
+    capture_attention,
+    peak_memory,
+    segment_attention,
+)
+
+__all__ = ["GROUPERS", "DiffCut", "DiffSegGrouper", "KMeansGrouper", "WalkAndCut",
+           "compare_methods", "segment_with"]
+
+
+def _source_info(source):
+    from segbook.backbones.base import Capture
+    if isinstance(source, Capture):
+        return source.backbone, bool(source.meta.get("stand_in", False))
+    return None, False
+
+
+def _transition_from(source, resolutions=None, grid=None):
+    """``P`` and its grid from a Capture, a ``{resolution: maps}`` dict or a ready ``P``."""
+    from segbook.backbones.base import Capture
+    if isinstance(source, Capture):
+        source = source.attention_by_resolution()
+    if isinstance(source, Mapping):
+        P = aggregate_attention(source, resolutions=resolutions)
+        return _as_transition(P, grid, validate=False)
+    if resolutions is not None:
+        raise ValueError("resolutions select maps to aggregate; a ready P has none")
+    return _as_transition(source, grid)
+
+
+def _out_size(out_size, image, grid):
+    if out_size is not None:
+        return _size2(out_size)
+    if image is not None:
+        return tuple(_image_array(image).shape[:2])
+    return tuple(grid)
+
+
+class WalkAndCut:
+    """Paper 1 as a grouper: :func:`~segbook.pipelines.walk_and_cut.segment_attention` with a
+    fixed :class:`~segbook.pipelines.walk_and_cut.WalkAndCutConfig` (keyword arguments
+    replace its fields)."""
+
+    name = "walk_and_cut"
+
+    def __init__(self, config: WalkAndCutConfig | None = None, **params):
+        self.config = replace(config or WalkAndCutConfig(), **params)
+
+    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+        return segment_attention(source, self.config, out_size=out_size, image=image)
+
+
+class DiffSegGrouper:
+    """DiffSeg (Tian et al., CVPR 2024) on the aggregated attention, as paper 1 runs it (sec. 4.5).
+
+    Parameters
+    ----------
+    kl_threshold : symmetric-KL merge threshold (1.1 on COCO-Stuff-27, 0.9 on Cityscapes).
+    iterations : merging passes (3).
+    grid : anchors per axis (16; must fit on the token grid).
+    refine : the authors' optional K-means refinement.
+    resolutions : attention resolutions aggregated (None: all), DiffSeg's weights.
+    pamr : PAMR refinement of the label map (needs the image).
+    """
+
+    name = "diffseg"
+
+    def __init__(self, kl_threshold=1.1, iterations: int = 3, grid: int = 16,
+                 refine: bool = False, resolutions=None, pamr: bool = False):
+        self.model = DiffSeg(kl_threshold=kl_threshold, iterations=iterations, grid=grid,
+                             refine=refine)
+        self.resolutions = None if resolutions is None else tuple(sorted(resolutions))
+        self.pamr = bool(pamr)
+
+    def params(self) -> dict:
+        m = self.model
+        return {"kl_threshold": m.kl_threshold, "iterations": m.iterations, "grid": m.grid,
+                "refine": m.refine, "resolutions": self.resolutions, "pamr": self.pamr}
+
+    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+        backbone, stand_in = _source_info(source)
+        with peak_memory() as peak:
+            clock = _Clock()
+            with torch.no_grad():
+                with clock.step("aggregate"):
+                    P, hw = _transition_from(source, self.resolutions)
+                with clock.step("ncut"):          # the grouping step (merging, for DiffSeg)
+                    self.model.fit(P, spatial_shape=hw)
+                size = _out_size(out_size, image, hw)
+                with clock.step("upsample"):
+                    labels = self.model.predict(None if size == hw else size)
+                if self.pamr:
+                    with clock.step("pamr"):
+                        labels = _pamr_refine(image, labels)
+                labels = _renumber(labels)
+            timings = clock.finish()
+        return SegmentationResult(labels=labels, token_labels=self.model.labels_.astype(np.int64),
+                                  n_segments=int(labels.max()) + 1, timings=timings,
+                                  peak_memory_bytes=peak["bytes"], backbone=backbone,
+                                  stand_in=stand_in, config=self.params(), method=self.name)
+
+
+def _features_from(source, layer):
+    """``(N, C)`` features and their grid from a Capture (``layer`` or the default), a
+    ``(C, h, w)`` map, or ``(features (N, C), grid)``."""
+    from segbook.backbones.base import Capture
+    if isinstance(source, Capture):
+        candidates = [lc for lc in source if lc.features is not None]
+        if not candidates:
+            raise GraphError("DiffCut needs features and the capture has none: capture with "
+                             "features=True (Stable Diffusion) or feature layers (CNN, "
+                             "capture_attention(..., with_features=True))")
+        if layer is not None:
+            picked = [lc for lc in candidates if lc.name == layer]
+            if not picked:
+                raise GraphError(f"no features for layer {layer!r}; captured: "
+                                 f"{[lc.name for lc in candidates]}")
+            lc = picked[0]
+        else:
+            small = [lc for lc in candidates if lc.grid[0] * lc.grid[1] <= 32 * 32]
+            pool = small or candidates
+            best = max(g.grid[0] * g.grid[1] for g in pool)
+            lc = [g for g in pool if g.grid[0] * g.grid[1] == best][-1]
+        source = lc.features
+    if isinstance(source, tuple) and len(source) == 2:
+        X, grid = source
+        X = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
+        return X.float(), tuple(int(s) for s in grid)
+    X = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source))
+    if X.ndim != 3:
+        raise GraphError(f"features must be (C, h, w) (or (features (N, C), grid)), got "
+                         f"{tuple(X.shape)}")
+    C, h, w = X.shape
+    return X.reshape(C, h * w).T.float(), (h, w)
+
+
+class DiffCut:
+    """DiffCut (Couairon et al., NeurIPS 2024) as a grouper.
+
+    Affinity ``((cos - min) / (max - min)) ** alpha`` of the token features, recursive NCut
+    with the fixed stop ``NCut < tau`` and 100 evenly spaced thresholds per split
+    (:func:`segbook.groupers.diffcut_segment`), then DiffCut's upsampling: mean feature per
+    segment, features bilinearly upsampled, argmax of the dot product
+    (:func:`~segbook.pipelines.upsample.dot_upsample`), and optionally PAMR (10 iterations,
+    dilations 1, 2, 4, 8, 3 x 3 median).
+
+    Parameters
+    ----------
+    alpha : exponent of the affinity (10).
+    tau : NCut stop threshold (0.5 with SSD-1B, 0.2 with SD 1.4).
+    n_thresholds : thresholds tried per split (100; None = exact search).
+    min_size : smallest segment in tokens (1: no limit, as DiffCut).
+    layer : the capture layer whose features are cut (None: the last layer with features on the
+        largest grid of at most 32 x 32 tokens, DiffCut's resolution).
+    upsample : ``"dot"`` (DiffCut's) or ``"nearest"``.
+    pamr : refine with PAMR (needs the image).
+    """
+
+    name = "diffcut"
+
+    def __init__(self, alpha: float = 10.0, tau: float = 0.5, n_thresholds: int | None = 100,
+                 min_size: int = 1, layer: str | None = None, upsample: str = "dot",
+                 pamr: bool = False):
+        if upsample not in ("dot", "nearest"):
+            raise ValueError(f"upsample must be 'dot' or 'nearest', got {upsample!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.alpha, self.tau, self.n_thresholds = float(alpha), float(tau), n_thresholds
+        self.min_size, self.layer, self.upsample, self.pamr = int(min_size), layer, upsample, \
+            bool(pamr)
+
+    def params(self) -> dict:
+        return {"alpha": self.alpha, "tau": self.tau, "n_thresholds": self.n_thresholds,
+                "min_size": self.min_size, "layer": self.layer, "upsample": self.upsample,
+                "pamr": self.pamr}
+
+    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+        backbone, stand_in = _source_info(source)
+        with peak_memory() as peak:
+            clock = _Clock()
+            with torch.no_grad():
+                X, hw = _features_from(source, self.layer)
+                if not torch.isfinite(X).all():
+                    raise GraphError("the features contain NaN or Inf")
+                with clock.step("ncut"):
+                    res = diffcut_segment(X, alpha=self.alpha, tau=self.tau,
+                                          n_thresholds=self.n_thresholds, min_size=self.min_size)
+                size = _out_size(out_size, image, hw)
+                with clock.step("upsample"):
+                    if size == hw:
+                        labels = torch.from_numpy(res.labels.reshape(hw))
+                    elif self.upsample == "dot":
+                        labels = dot_upsample(X, res.labels, hw, size)
+                    else:
+                        labels = nearest_upsample(res.labels, hw, size)
+                    labels = labels.cpu().numpy()
+                if self.pamr:
+                    with clock.step("pamr"):
+                        labels = _pamr_refine(image, labels)
+                labels = _renumber(labels)
+            timings = clock.finish()
+        return SegmentationResult(labels=labels, token_labels=res.labels.reshape(hw),
+                                  n_segments=int(labels.max()) + 1, tree=res.tree,
+                                  timings=timings, peak_memory_bytes=peak["bytes"],
+                                  backbone=backbone, stand_in=stand_in, config=self.params(),
+                                  method=self.name)
+
+
+class KMeansGrouper:
+    """K-means on the rows of the aggregated attention ``P`` (each token's attention
+    distribution), upsampled like paper 1 (section 3.6): a simple clustering baseline.
+
+    Parameters
+    ----------
+    k : number of clusters, or None to choose it in ``k_range`` by the silhouette score.
+    k_range : candidates when ``k`` is None (paper 2: 2..10).
+    resolutions : attention resolutions aggregated (None: all).
+    n_init : K-means restarts.
+    upsample : ``"cosine"`` or ``"nearest"``.
+    seed : K-means seed.
+    """
+
+    name = "kmeans"
+
+    def __init__(self, k: int | None = None, k_range=range(2, 11), resolutions=None,
+                 n_init: int = 4, upsample: str = "cosine", seed: int = 0):
+        if k is not None and (int(k) != k or k < 1):
+            raise ValueError(f"k must be a positive integer or None, got {k!r}")
+        if upsample not in ("cosine", "nearest"):
+            raise ValueError(f"upsample must be 'cosine' or 'nearest', got {upsample!r}")
+        self.k, self.k_range, self.resolutions = k, tuple(k_range), resolutions
+        self.n_init, self.upsample, self.seed = int(n_init), upsample, int(seed)
+
+    def params(self) -> dict:
+        return {"k": self.k, "k_range": self.k_range, "resolutions": self.resolutions,
+                "n_init": self.n_init, "upsample": self.upsample, "seed": self.seed}
+
+    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+        backbone, stand_in = _source_info(source)
+        with peak_memory() as peak:
+            clock = _Clock()
+            with torch.no_grad():
+                with clock.step("aggregate"):
+                    P, hw = _transition_from(source, self.resolutions)
+                with clock.step("ncut"):      # the grouping step
+                    k_range = (self.k,) if self.k is not None else self.k_range
+                    sel = kmeans_silhouette(P.double().cpu().numpy(), k_range=k_range,
+                                            seed=self.seed, n_init=self.n_init)
+                    token_labels = _renumber(sel.labels)
+                size = _out_size(out_size, image, hw)
+                with clock.step("upsample"):
+                    if size == hw:
+                        labels = token_labels.reshape(hw)
+                    elif self.upsample == "cosine":
+                        labels = cosine_upsample(P, token_labels, hw, size).cpu().numpy()
+                    else:
+                        labels = nearest_upsample(token_labels, hw, size).cpu().numpy()
+                labels = _renumber(labels)
+            timings = clock.finish()
+        return SegmentationResult(labels=labels, token_labels=token_labels.reshape(hw),
+                                  n_segments=int(labels.max()) + 1, timings=timings,
+                                  peak_memory_bytes=peak["bytes"], backbone=backbone,
+                                  stand_in=stand_in, config=self.params(), method=self.name)
+
+
+GROUPERS = {"walk_and_cut": WalkAndCut, "diffseg": DiffSegGrouper, "diffcut": DiffCut,
+            "kmeans": KMeansGrouper}
+
+
+def segment_with(method: str, source, out_size=None, image=None, **params) -> SegmentationResult:
+    """Run the grouper named ``method`` (a key of :data:`GROUPERS`) with ``params`` on ``source``.
+
+    >>> segment_with("diffseg", capture, out_size=(512, 512), kl_threshold=0.9)  # doctest: +SKIP
+    """
+    if method not in GROUPERS:
+        raise ValueError(f"method must be one of {sorted(GROUPERS)}, got {method!r}")
+    return GROUPERS[method](**params).fit_predict(source, out_size=out_size, image=image)
+
+
+def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping | None = None,
+                    out_size=None, progress: bool = True) -> list[dict[str, SegmentationResult]]:
+    """Capture each image once and run every grouper on the capture.
+
+    Parameters
+    ----------
+    images : iterable of images.
+    backbone : a loaded backbone; captured as paper 1 does (:func:`capture_attention`), with
+        features too when a :class:`DiffCut` is among the groupers.
+    groupers : ``{column name: grouper}``, e.g.
+        ``{"ours": WalkAndCut(k=2), "DiffSeg": DiffSegGrouper(), "K-means": KMeansGrouper(k=5)}``.
+    capture_kwargs : passed to the backbone's ``capture``.
+    out_size : label size (None: each image's size).
+    progress : tqdm bar over the images.
+
+    Returns
+    -------
+    One ``{name: SegmentationResult}`` per image; each result's ``timings["capture"]`` is the
+    shared capture's time (not added to its ``total``).
+    """
+    from tqdm.auto import tqdm
+    want_features = any(isinstance(g, DiffCut) for g in groupers.values())
+    out = []
+    for image in tqdm(list(images), desc="compare", unit="image", disable=not progress):
+        rgb = _image_array(image)
+        t0 = time.perf_counter()
+        cap = capture_attention(rgb, backbone, capture_kwargs, progress=False,
+                                with_features=want_features)
+        t_capture = time.perf_counter() - t0
+        row = {}
+        for name, grouper in groupers.items():
+            res = grouper.fit_predict(cap, out_size=out_size, image=rgb)
+            res.timings["capture"] = t_capture
+            res.backbone = getattr(backbone, "name", res.backbone)
+            res.stand_in = bool(getattr(backbone, "stand_in", res.stand_in))
+            row[name] = res
+        out.append(row)
+    return out
