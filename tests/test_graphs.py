@@ -226,3 +226,14 @@ def test_large_asymmetric_dense_matrix_is_caught_by_the_randomised_check():
     A[3, 700] = 2.0
     with pytest.raises(GraphError, match="not symmetric"):
         as_affinity(A)
+
+
+def test_factored_earlier_weights_across_row_chunks():
+    # 1100 rows: two full 512-row chunks and a short one, each ending in a partial Gram block.
+    rng = np.random.default_rng(7)
+    F = rng.uniform(size=(1100, 30))
+    A = F @ F.T
+    order = rng.permutation(1100)
+    expected = np.tril(A[np.ix_(order, order)], -1).sum(1)
+    got = FactoredAffinity(F, dtype=torch.float64).earlier_weights(order)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)

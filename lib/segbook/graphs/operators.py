@@ -36,6 +36,8 @@ from segbook.errors import GraphError
 # Rows processed per block in passes over a dense matrix: bounds the temporary memory to
 # _ROW_BLOCK x N instead of N x N.
 _ROW_BLOCK = 512
+# Rows per block of the factored prefix weights (batched 32 x 32 Gram matrices).
+_GRAM_BLOCK = 32
 # Dense float64 inputs up to this size are kept in float64.
 _DOUBLE_UP_TO = 1024
 # Dense matrices up to this size are checked for symmetry entry by entry.
@@ -321,17 +323,32 @@ class FactoredAffinity(Affinity):
 
     def earlier_weights(self, order):
         order_t = torch.from_numpy(_as_index(order)).to(self.F.device)
-        out = torch.empty(self.n, dtype=torch.float64, device=self.F.device)
-        # w_j = F_{o_j} . (sum of the factors of the earlier nodes): an exclusive cumulative sum
-        # of F's rows in Fiedler order, made block by block (float64 carry between blocks) so
-        # that no n x r temporary is needed.
+        n, b = self.n, _GRAM_BLOCK
+        out = torch.empty(n, dtype=torch.float64, device=self.F.device)
         carry = torch.zeros(self.F.shape[1], dtype=torch.float64, device=self.F.device)
-        for start in range(0, self.n, _ROW_BLOCK):
-            block = self.F.index_select(0, order_t[start:start + _ROW_BLOCK])
-            b = block.shape[0]
-            before = torch.cumsum(block, 0).sub_(block).add_(carry.to(self.F.dtype))
-            out[start:start + b] = (block * before).sum(1)
-            carry += block.sum(0, dtype=torch.float64)
+        # w_j = f_{o_j} . (sum of the factors of the earlier nodes). With the rows in Fiedler
+        # order cut into blocks of b: the earlier blocks contribute through an exclusive
+        # cumulative sum of the block sums, the same block through the strictly lower triangle
+        # of its b x b Gram matrix. Batched GEMMs instead of a sequential cumulative sum over
+        # n x r numbers; rows are gathered _ROW_BLOCK at a time (no n x r temporary).
+        for start in range(0, n, _ROW_BLOCK):
+            chunk = self.F.index_select(0, order_t[start:start + _ROW_BLOCK])
+            m = chunk.shape[0]
+            full = m // b
+            if full:
+                blocks = chunk[:full * b].view(full, b, -1)
+                sums = blocks.sum(1, dtype=torch.float64)                    # (full, r)
+                before = torch.cumsum(sums, 0) - sums + carry
+                cross = torch.bmm(blocks, before.to(chunk.dtype)[:, :, None])[:, :, 0]
+                within = torch.tril(torch.bmm(blocks, blocks.transpose(1, 2)), -1).sum(2)
+                out[start:start + full * b] = (cross.double() + within.double()).reshape(-1)
+                carry = before[-1] + sums[-1]
+            if full * b < m:
+                tail = chunk[full * b:]
+                within = torch.tril(tail @ tail.T, -1).sum(1)
+                out[start + full * b:start + m] = ((tail @ carry.to(chunk.dtype)).double()
+                                                   + within.double())
+                carry = carry + tail.sum(0, dtype=torch.float64)
         return out.cpu().numpy()
 
     def n_edges(self):
