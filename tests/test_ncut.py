@@ -326,3 +326,7 @@ def test_random_walk_ncut_rejects_non_stochastic_input():
         random_walk_ncut(np.ones((2, 3)) / 3, threshold=0.3)
     with pytest.raises(GraphError, match="NaN"):
         random_walk_ncut(np.full((2, 2), np.nan), threshold=0.3)
+    with pytest.raises(GraphError, match="square"):
+        random_walk_ncut(np.ones(3) / 3, threshold=0.3)
+    assert random_walk_ncut(np.zeros((0, 0)), threshold=0.3).labels.shape == (0,)
+    np.testing.assert_array_equal(random_walk_ncut(np.ones((1, 1)), threshold=0.3).labels, [0])

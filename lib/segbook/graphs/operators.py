@@ -376,7 +376,8 @@ def as_affinity(A, device=None, validate: bool = True) -> Affinity:
     Parameters
     ----------
     A : numpy array, torch tensor, SciPy sparse matrix, or an :class:`Affinity` (returned as is).
-    device : torch device for dense storage (default: the tensor's device, CPU for arrays).
+    device : torch device for dense storage (default: the tensor's device, CPU for arrays);
+        ``"auto"`` picks CUDA when it is available.
     validate : run the checks (square, finite, non-negative, symmetric).
 
     Raises
@@ -384,6 +385,8 @@ def as_affinity(A, device=None, validate: bool = True) -> Affinity:
     GraphError
         For a non-square, non-finite, negative or asymmetric matrix.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(A, Affinity):
         return A
     if sp.issparse(A):

@@ -547,7 +547,8 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     solver : eigen-solver of :func:`fiedler_vector`.
     n_thresholds : ``None`` for the exact threshold search, or DiffCut's evenly spaced grid.
     tol, seed : iterative solver's tolerance and start-block seed.
-    device : torch device for dense storage (``"cuda"`` to run the products on a GPU).
+    device : torch device for dense storage (``"cuda"`` to run the products on a GPU,
+        ``"auto"`` for CUDA when available; default: where the input lives, CPU for arrays).
     validate : check the input once (square, finite, non-negative, symmetric).
 
     Returns
@@ -694,8 +695,10 @@ def random_walk_ncut(P, threshold: float, min_size: int = 2, max_depth: int | No
     _check_stop("threshold", threshold)
     if not isinstance(P, torch.Tensor):
         P = torch.from_numpy(np.ascontiguousarray(np.asarray(P, dtype=np.float64)))
-    P = P.to(device=device, dtype=torch.float64 if P.shape[0] <= 2048 else torch.float32)
     check_row_stochastic(P)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    P = P.to(device=device, dtype=torch.float64 if P.shape[0] <= 2048 else torch.float32)
 
     def split_fn(walk):
         rows = walk.P.sum(1).cpu().numpy()
