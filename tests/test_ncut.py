@@ -254,20 +254,26 @@ def test_degenerate_sizes():
 
 
 def test_constant_and_edgeless_graphs_stay_whole():
-    for A in [np.ones((10, 10)), np.full((10, 10), 3.0), np.zeros((10, 10))]:
+    for A in [np.ones((10, 10)), np.full((10, 10), 3.0), np.zeros((10, 10)), np.eye(10)]:
         for stop in ["threshold", "manc", "scaled_mincut"]:
             result = recursive_ncut(A, stop=stop, threshold=0.9)
             np.testing.assert_array_equal(result.labels, np.zeros(10))
     assert recursive_ncut(np.ones((10, 10)), threshold=0.9).tree[0].reason == "constant"
+    assert recursive_ncut(np.eye(10), threshold=0.9).tree[0].reason == "no_edges"
 
 
-def test_isolated_nodes_become_one_segment():
+@pytest.mark.parametrize("self_loop", [0.0, 1.0])
+def test_isolated_nodes_become_one_segment(self_loop):
     A, _ = planted_partition([20, 20], p_out=0.0, noise=0.1, seed=0)
     A = np.pad(A, ((0, 3), (0, 3)))
+    A[40:, 40:] = self_loop * np.eye(3)          # a self-loop is not an edge
     result = recursive_ncut(A, threshold=0.5)
     assert result.n_segments == 3
     assert len(set(result.labels[40:])) == 1 and result.labels[40] not in result.labels[:40]
-    assert not np.isnan(result.labels.astype(float)).any()
+    assert [nd.reason for nd in result.tree if nd.reason == "isolated"] == ["isolated"]
+    walk = random_walk_ncut(A / np.maximum(A.sum(1, keepdims=True), 1e-300) + np.diag(
+        (A.sum(1) == 0).astype(float)), threshold=0.5)
+    np.testing.assert_array_equal(walk.labels, result.labels)
 
 
 def test_disconnected_components_are_separated_with_zero_ncut():

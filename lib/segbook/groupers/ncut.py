@@ -503,10 +503,10 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
     return NCutResult(labels=_labels_from_leaves(n, tree), tree=tree, stop=stop)
 
 
-def _isolated_mask(d: np.ndarray) -> np.ndarray | None:
-    dmax = d.max() if d.size else 0.0
-    isolated = d <= _ISOLATED_RTOL * dmax if dmax > 0 else np.ones_like(d, dtype=bool)
-    return isolated if isolated.any() and not isolated.all() else None
+def _isolated_mask(off_degree: np.ndarray) -> np.ndarray | None:
+    """Nodes without edges to the rest (``None`` if there are none); called when some edge exists."""
+    isolated = off_degree <= _ISOLATED_RTOL * off_degree.max()
+    return isolated if isolated.any() else None
 
 
 def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
@@ -559,9 +559,9 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     Notes
     -----
     Degenerate graphs give documented results, never NaN labels: 0 nodes -> empty labels;
-    1 node -> ``[0]``; a graph whose off-diagonal affinities are all equal (including a graph
-    without edges) is kept whole; nodes with no edge inside the subgraph being split are set
-    apart as one segment (their NCut is 0/0); disconnected components are found by the spectral
+    1 node -> ``[0]``; a graph without edges (self-loops do not count) or whose off-diagonal
+    affinities are all equal is kept whole; nodes with no edge inside the subgraph being split
+    (self-loops do not count) are set apart as one segment (their NCut is 0/0); disconnected components are found by the spectral
     split itself (NCut 0). Memory: besides the input, one working subgraph at a time, cut out of
     the input when its node is processed (smaller than ``N x N``; for a factored affinity only
     ``F[S]``), plus ``512 x N`` temporaries. A float32 dense or tensor input is used without a
@@ -571,12 +571,13 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     op = as_affinity(A, device=device, validate=validate)
 
     def split_fn(graph):
-        d = graph.degrees()
-        isolated = _isolated_mask(d)
+        # Edges only: a node with nothing but a self-loop cannot be cut from anything.
+        off = graph.degrees() - graph.diagonal()
+        if off.max() <= 0:
+            return None, "no_edges", None
+        isolated = _isolated_mask(off)
         if isolated is not None:
             return None, "", isolated
-        if d.max() <= 0:
-            return None, "no_edges", None
         if graph.is_constant():
             return None, "constant", None
         x = fiedler_vector(graph, solver=solver, tol=tol, seed=seed)
@@ -701,8 +702,12 @@ def random_walk_ncut(P, threshold: float, min_size: int = 2, max_depth: int | No
     P = P.to(device=device, dtype=torch.float64 if P.shape[0] <= 2048 else torch.float32)
 
     def split_fn(walk):
-        rows = walk.P.sum(1).cpu().numpy()
-        isolated = _isolated_mask(rows)
+        # Mass that moves to another state of this part; 0 for states that only stay put
+        # (P_ii = 1) or whose every step leaves the part.
+        moves = (walk.P.sum(1) - walk.P.diagonal()).cpu().numpy()
+        if moves.max() <= 0:
+            return None, "no_edges", None
+        isolated = _isolated_mask(moves)
         if isolated is not None:
             return None, "", isolated
         pi = _stationary(walk.P, tol=tol, max_iter=max_iter)
