@@ -24,6 +24,7 @@ from segbook.pipelines import (
     dot_upsample,
     planted_attention,
     planted_scene,
+    run_batch,
     segment_attention,
     segment_with,
     upsampled_row_norms,
@@ -203,6 +204,14 @@ def test_ready_P_and_the_same_maps_give_the_same_result(scene):
     np.testing.assert_array_equal(a.labels, b.labels)
     with pytest.raises(ValueError, match="resolutions"):
         segment_attention(P, WalkAndCutConfig(resolutions=(16,)))
+
+
+def test_run_batch_on_captured_attention(scene):
+    _, maps = scene
+    P = aggregate_attention(maps)
+    results = run_batch([maps, P], None, WalkAndCutConfig(), out_size=OUT, progress=False)
+    assert [r.labels.shape for r in results] == [OUT, OUT]
+    np.testing.assert_array_equal(results[0].labels, results[1].labels)
 
 
 def test_timings_and_peak_memory_are_recorded(scene):

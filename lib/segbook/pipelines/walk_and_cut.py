@@ -674,24 +674,35 @@ def walk_and_cut(image, backbone, config: WalkAndCutConfig | None = None,
 
 
 def run_batch(images, backbone, config: WalkAndCutConfig | None = None,
-              capture_kwargs: Mapping | None = None, progress: bool = True,
+              capture_kwargs: Mapping | None = None, progress: bool = True, out_size=None,
               **overrides) -> list[WalkAndCutResult]:
     """:func:`walk_and_cut` on each image, with a progress bar (per-image timings and memory
     are in each result).
 
     Parameters
     ----------
-    images : an iterable of images (paths, arrays, PIL images, tensors).
+    images : an iterable of images (paths, arrays, PIL images, tensors); with
+        ``backbone=None``, an iterable of captured attention instead (Captures,
+        ``{resolution: maps}`` dictionaries or ready ``P`` matrices), each passed to
+        :func:`segment_attention`.
     backbone, config, capture_kwargs, overrides : as :func:`walk_and_cut`.
     progress : show a tqdm bar over the images (the DDIM bars are switched off).
+    out_size : label size (None: each image's size, or the token grid for attention input).
     """
     from tqdm.auto import tqdm
-    images = list(images)
+    items = list(images)
+    config = replace(config or WalkAndCutConfig(), **overrides) if overrides \
+        else (config or WalkAndCutConfig())
+    if out_size is not None:
+        config = replace(config, out_size=out_size)
+    name = getattr(backbone, "name", "attention") if backbone is not None else "attention"
     results = []
-    bar = tqdm(images, desc=f"walk and cut ({getattr(backbone, 'name', 'backbone')})",
-               unit="image", disable=not progress)
-    for image in bar:
-        res = walk_and_cut(image, backbone, config, capture_kwargs, progress=False, **overrides)
+    bar = tqdm(items, desc=f"walk and cut ({name})", unit="image", disable=not progress)
+    for item in bar:
+        if backbone is None:
+            res = segment_attention(item, config)
+        else:
+            res = walk_and_cut(item, backbone, config, capture_kwargs, progress=False)
         bar.set_postfix(segments=res.n_segments, seconds=f"{res.timings['total']:.2f}")
         results.append(res)
     return results
