@@ -314,7 +314,8 @@ class FactoredAffinity(Affinity):
 
     def diagonal(self):
         if self._diag is None:
-            self._diag = (self.F * self.F).sum(1).double().cpu().numpy()
+            # Row norms without an n x r temporary (F * F would be one).
+            self._diag = torch.linalg.vector_norm(self.F, dim=1).double().cpu().numpy() ** 2
         return self._diag
 
     def subgraph(self, idx):
