@@ -91,6 +91,10 @@ def test_walk_affinity_matches_factored(scene):
         np.testing.assert_allclose(fast.earlier_weights(order), ref.earlier_weights(order),
                                    rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(fast.diagonal(), ref.diagonal(), rtol=1e-6)
+    F = torch.rand(600, 40)                       # several chunks of 256 rows and a short tail
+    order = rng.permutation(600)
+    np.testing.assert_allclose(WalkAffinity(F).earlier_weights(order),
+                               FactoredAffinity(F).earlier_weights(order), rtol=1e-5)
     a = recursive_ncut(WalkAffinity(P), stop="manc")
     b = recursive_ncut(FactoredAffinity(P), stop="manc")
     np.testing.assert_array_equal(a.labels, b.labels)

@@ -401,6 +401,7 @@ class WalkAffinity(FactoredAffinity):
     """
 
     block = 32
+    chunk = 256
 
     def __init__(self, F, diagonal: np.ndarray | None = None):
         super().__init__(F, dtype=torch.float32 if F.dtype != torch.float64 else torch.float64,
@@ -417,22 +418,28 @@ class WalkAffinity(FactoredAffinity):
     def earlier_weights(self, order):
         order_t = torch.from_numpy(np.asarray(order, dtype=np.int64)).to(self.F.device)
         n, b = self.n, self.block
-        Fo = self.F.index_select(0, order_t)
-        full = n // b
         out = torch.empty(n, dtype=torch.float64, device=self.F.device)
-        carry = torch.zeros(Fo.shape[1], dtype=torch.float64, device=self.F.device)
-        if full:
-            blocks = Fo[: full * b].view(full, b, -1)
-            sums = blocks.sum(1).double()                                  # (nb, r)
-            before = torch.cumsum(sums, 0) - sums                          # exclusive
-            cross = torch.bmm(blocks, before.to(Fo.dtype)[:, :, None])[:, :, 0]
-            within = torch.tril(torch.bmm(blocks, blocks.transpose(1, 2)), -1).sum(2)
-            out[: full * b] = (cross.double() + within.double()).reshape(-1)
-            carry = before[-1] + sums[-1]
-        if full * b < n:                    # the last, shorter block
-            tail = Fo[full * b:]
-            within = torch.tril(tail @ tail.T, -1).sum(1)
-            out[full * b:] = (tail @ carry.to(Fo.dtype)).double() + within.double()
+        carry = torch.zeros(self.F.shape[1], dtype=torch.float64, device=self.F.device)
+        # Rows gathered in Fiedler order a chunk at a time: the chunk stays in cache for the
+        # Gram products, and no permuted copy of F is made.
+        for start in range(0, n, self.chunk):
+            C = self.F.index_select(0, order_t[start:start + self.chunk])
+            m = C.shape[0]
+            full = m // b
+            if full:
+                blocks = C[: full * b].view(full, b, -1)
+                sums = blocks.sum(1).double()                               # (blocks, r)
+                before = torch.cumsum(sums, 0) - sums + carry               # exclusive
+                cross = torch.bmm(blocks, before.to(C.dtype)[:, :, None])[:, :, 0]
+                within = torch.tril(torch.bmm(blocks, blocks.transpose(1, 2)), -1).sum(2)
+                out[start:start + full * b] = (cross.double() + within.double()).reshape(-1)
+                carry = before[-1] + sums[-1]
+            if full * b < m:                    # a last, shorter block
+                tail = C[full * b:]
+                within = torch.tril(tail @ tail.T, -1).sum(1)
+                out[start + full * b:start + m] = (tail @ carry.to(C.dtype)).double() \
+                    + within.double()
+                carry = carry + tail.sum(0).double()
         return out.cpu().numpy()
 
 
