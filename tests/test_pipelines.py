@@ -22,6 +22,7 @@ from segbook.pipelines import (
     cosine_upsample,
     cosine_upsample_bruteforce,
     dot_upsample,
+    peak_memory,
     planted_attention,
     planted_scene,
     run_batch,
@@ -230,6 +231,16 @@ def test_timings_and_peak_memory_are_recorded(scene):
     parts = sum(v for k, v in res.timings.items() if k != "total")
     assert parts <= res.timings["total"] + 1e-6
     assert res.peak_memory_bytes > 1 << 20
+
+
+def test_peak_memory_sees_a_large_temporary_and_nests():
+    with peak_memory() as outer:
+        big = torch.ones(64 << 20, dtype=torch.uint8)          # 64 MiB, touched
+        del big
+        with peak_memory() as inner:
+            torch.zeros(1 << 20).sum()
+    assert outer["bytes"] - outer["start"] >= 60 << 20
+    assert inner["bytes"] <= outer["bytes"]
 
 
 def test_pamr_refinement(scene):

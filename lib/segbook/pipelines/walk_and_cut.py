@@ -202,7 +202,9 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-_PEAK_DEPTH = [0]     # nesting level of peak_memory(): only the outermost resets the counter
+# Nesting level of peak_memory() and whether the outermost block could reset VmHWM: only the
+# outermost block resets the counter.
+_PEAK_STATE = {"depth": 0, "reset": False}
 
 
 @contextmanager
@@ -218,18 +220,20 @@ def peak_memory(device=None):
     """
     out = {"bytes": 0, "kind": "cpu_rss", "start": _read_status("VmRSS") or 0}
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
-    outermost = _PEAK_DEPTH[0] == 0
+    outermost = _PEAK_STATE["depth"] == 0
     if cuda:
         torch.cuda.synchronize(device)
         if outermost:
             torch.cuda.reset_peak_memory_stats(device)
         out["kind"] = "cuda_allocated"
-    reset = _reset_rss_peak() if outermost else True
-    _PEAK_DEPTH[0] += 1
+    if outermost:
+        _PEAK_STATE["reset"] = _reset_rss_peak()
+    reset = _PEAK_STATE["reset"]
+    _PEAK_STATE["depth"] += 1
     try:
         yield out
     finally:
-        _PEAK_DEPTH[0] -= 1
+        _PEAK_STATE["depth"] -= 1
         if cuda:
             torch.cuda.synchronize(device)
             out["bytes"] = int(torch.cuda.max_memory_allocated(device))
