@@ -6,9 +6,18 @@
 * :mod:`segbook.groupers.diffcut` - DiffCut's recipe and the plain reference implementation.
 * :mod:`segbook.groupers.tokencut` - TokenCut and MaskCut.
 * :mod:`segbook.groupers.kmeans` - K-means with the silhouette choice of K (paper 2).
+* :mod:`segbook.groupers.diffseg` - DiffSeg: anchors, symmetric-KL merging, NMS (paper 1's baseline).
+* :mod:`segbook.groupers.pamr` - PAMR label refinement (DiffCut; paper 1, Table 5).
 """
 
 from segbook.groupers.diffcut import diffcut_segment, plain_recursive_ncut
+from segbook.groupers.diffseg import (
+    DiffSeg,
+    anchor_grid,
+    merge_attention,
+    proposals_to_labels,
+    symmetric_kl,
+)
 from segbook.groupers.kmeans import KMeansSelection, kmeans_silhouette
 from segbook.groupers.ncut import (
     NCutResult,
@@ -21,23 +30,32 @@ from segbook.groupers.ncut import (
     random_walk_ncut,
     recursive_ncut,
 )
+from segbook.groupers.pamr import pamr, pamr_affinities, refine_labels
 from segbook.groupers.tokencut import maskcut, tokencut, tokencut_affinity
 
 __all__ = [
+    "DiffSeg",
     "KMeansSelection",
     "NCutResult",
     "SplitNode",
+    "anchor_grid",
     "best_threshold_split",
     "diffcut_segment",
     "fiedler_vector",
     "kmeans_silhouette",
     "manc_threshold",
     "maskcut",
+    "merge_attention",
     "ncut_eigenvectors",
     "ncut_value",
+    "pamr",
+    "pamr_affinities",
     "plain_recursive_ncut",
+    "proposals_to_labels",
     "random_walk_ncut",
     "recursive_ncut",
+    "refine_labels",
+    "symmetric_kl",
     "tokencut",
     "tokencut_affinity",
 ]
