@@ -92,6 +92,58 @@ def test_aggregate_rejects_bad_maps():
         aggregate_self_attention({3: random_stochastic(9), 4: random_stochastic(16)})
 
 
+def _reference_aggregate(maps, resolutions, R=None):
+    """The aggregation written directly (float64, torch's own bilinear resize, expanded rows)."""
+    import torch.nn.functional as F
+    R = R or max(resolutions)
+    w = diffseg_weights(resolutions)
+    out = torch.zeros(R * R, R * R, dtype=torch.float64)
+    for r in resolutions:
+        value = maps[r]
+        S = torch.stack([torch.as_tensor(v).double().reshape(-1, r * r, r * r).mean(0)
+                         for v in (value if isinstance(value, list) else [value])]).mean(0)
+        if r != R:
+            keys = F.interpolate(S.reshape(r * r, 1, r, r), size=(R, R), mode="bilinear",
+                                 align_corners=False).reshape(r * r, R * R)
+            keys = keys / keys.sum(1, keepdim=True)
+            f = R // r
+            S = keys.reshape(r, 1, r, 1, R * R).expand(r, f, r, f, R * R).reshape(R * R, R * R)
+        out += w[r] * S
+    return out
+
+
+@pytest.mark.parametrize("resolutions, R", [((2, 4, 8), None), ((4, 8), None), ((2, 8), None),
+                                            ((2,), 8), ((2, 4), 8), ((2, 3), 6),
+                                            ((2, 3, 6), None), ((3, 4), 12)])
+def test_aggregate_equals_the_direct_recipe(resolutions, R):
+    rng = np.random.default_rng(sum(resolutions))
+    maps = {}
+    for r in resolutions:
+        heads = rng.uniform(0.05, 1.0, size=(3, r * r, r * r))
+        heads /= heads.sum(-1, keepdims=True)
+        maps[r] = [torch.from_numpy(h).half() for h in heads] if r % 2 else torch.from_numpy(heads)
+    expected = _reference_aggregate(maps, resolutions, R)
+    P64 = aggregate_self_attention(maps, resolutions=resolutions, output_resolution=R,
+                                   dtype=torch.float64)
+    torch.testing.assert_close(P64, expected, atol=1e-12, rtol=0)
+    P32 = aggregate_self_attention(maps, resolutions=resolutions, output_resolution=R)
+    assert P32.dtype == torch.float32
+    torch.testing.assert_close(P32.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_aggregate_leaves_its_inputs_alone():
+    S8 = torch.from_numpy(random_stochastic(64, seed=5)).float()
+    S4 = torch.from_numpy(random_stochastic(16, seed=6)).float()
+    before = (S8.clone(), S4.clone())
+    P = aggregate_self_attention({8: S8, 4: S4})
+    assert P.data_ptr() not in (S8.data_ptr(), S4.data_ptr())
+    torch.testing.assert_close(S8, before[0], atol=0, rtol=0)
+    torch.testing.assert_close(S4, before[1], atol=0, rtol=0)
+    Q = aggregate_self_attention({8: S8})
+    assert Q.data_ptr() != S8.data_ptr()
+    torch.testing.assert_close(Q, S8)
+
+
 # -- power walks ----------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5, 8])
 def test_power_walk_matches_repeated_multiplication(k):
@@ -229,7 +281,8 @@ def test_large_asymmetric_dense_matrix_is_caught_by_the_randomised_check():
 
 
 def test_factored_earlier_weights_across_row_chunks():
-    # 1100 rows: two full 512-row chunks and a short one, each ending in a partial Gram block.
+    # 1100 rows: four full 256-row chunks and a short one, each ending in a partial Gram
+    # block.
     rng = np.random.default_rng(7)
     F = rng.uniform(size=(1100, 30))
     A = F @ F.T
@@ -237,3 +290,65 @@ def test_factored_earlier_weights_across_row_chunks():
     expected = np.tril(A[np.ix_(order, order)], -1).sum(1)
     got = FactoredAffinity(F, dtype=torch.float64).earlier_weights(order)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_working_subgraph_equals_subgraph_and_reuses_one_buffer():
+    P, _ = planted_random_walk([30, 50, 40], leak=0.1, seed=4)
+    A = P @ P.T
+    rng = np.random.default_rng(1)
+    for op in [DenseAffinity(A, dtype=torch.float64), FactoredAffinity(P, dtype=torch.float64),
+               SparseAffinity(sp.csr_matrix(A))]:
+        pointers = set()
+        for m in (120, 77, 5, 2):
+            idx = np.sort(rng.choice(120, m, replace=False))
+            work = op.working_subgraph(idx)
+            ref = op.subgraph(idx)
+            np.testing.assert_allclose(work.to_dense(), A[np.ix_(idx, idx)], atol=1e-12)
+            np.testing.assert_allclose(work.to_dense(), ref.to_dense(), atol=1e-12)
+            np.testing.assert_allclose(work.diagonal(), np.diag(A)[idx], atol=1e-12)
+            np.testing.assert_allclose(work.degrees(), A[np.ix_(idx, idx)].sum(1), atol=1e-10)
+            order = rng.permutation(m)
+            np.testing.assert_allclose(work.earlier_weights(order), ref.earlier_weights(order),
+                                       atol=1e-10)
+            storage = getattr(work, "F", getattr(work, "A", None))
+            if isinstance(storage, torch.Tensor):
+                pointers.add(storage.untyped_storage().data_ptr())
+        if not isinstance(op, SparseAffinity):
+            assert len(pointers) == 1          # every working subgraph lives in one buffer
+        op.release_buffers()
+
+
+def test_factored_subgraph_inherits_self_loops_and_class():
+    P, _ = planted_random_walk([20, 30], leak=0.1, seed=5)
+
+    class Tagged(FactoredAffinity):
+        pass
+
+    op = Tagged(P, dtype=torch.float64)
+    idx = np.array([3, 7, 11, 40])
+    sub = op.subgraph(idx)
+    assert type(sub) is Tagged and type(op.working_subgraph(idx)) is Tagged
+    np.testing.assert_allclose(sub.diagonal(), (P[idx] ** 2).sum(1), atol=1e-12)
+    given = FactoredAffinity(P, diagonal=np.full(50, 7.0))
+    assert given.diagonal()[0] == 7.0 and given.subgraph(idx).diagonal()[0] == 7.0
+
+
+def test_float32_prefix_weights_on_a_4096_node_attention_graph():
+    # The benchmark's scale: float32 Gram blocks and float64 carries against float64 sums.
+    P, _ = planted_random_walk([1000, 1500, 1596], leak=0.05, seed=2, dtype=np.float32)
+    order = np.random.default_rng(3).permutation(4096)
+    got = FactoredAffinity(P).earlier_weights(order)
+    ref = FactoredAffinity(P, dtype=torch.float64).earlier_weights(order)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * ref.max())
+
+
+def test_finite_check_fast_path_still_names_the_problem():
+    for value, message in [(np.inf, "NaN"), (np.nan, "NaN"), (-1.0, "negative")]:
+        A = np.ones((600, 600), dtype=np.float32)
+        A[550, 3] = A[3, 550] = value
+        with pytest.raises(GraphError, match=message):
+            as_affinity(A)
+    F = np.ones((600, 5))
+    F[599, 4] = np.inf
+    with pytest.raises(GraphError, match="NaN"):
+        FactoredAffinity(F)

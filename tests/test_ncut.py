@@ -336,3 +336,42 @@ def test_random_walk_ncut_rejects_non_stochastic_input():
         random_walk_ncut(np.ones(3) / 3, threshold=0.3)
     assert random_walk_ncut(np.zeros((0, 0)), threshold=0.3).labels.shape == (0,)
     np.testing.assert_array_equal(random_walk_ncut(np.ones((1, 1)), threshold=0.3).labels, [0])
+
+
+# -- warm starts ----------------------------------------------------------------------------
+def test_fiedler_vector_from_a_warm_start_equals_the_cold_one():
+    P, _ = planted_random_walk([150, 250, 200], leak=0.05, seed=4)
+    A = adjacency(P, "dot")
+    cold, lam = fiedler_vector(A, solver="krylov", tol=1e-9, return_value=True)
+    # A guess near the answer (as a parent's Ritz vectors are) and a useless one.
+    rng = np.random.default_rng(0)
+    near = cold[:, None] + 1e-2 * rng.normal(size=(600, 1))
+    for start in (near, rng.normal(size=(600, 3)), np.ones((600, 2))):
+        warm, lam_w = fiedler_vector(A, solver="krylov", tol=1e-9, return_value=True,
+                                     start=start)
+        assert lam_w == pytest.approx(lam, abs=1e-8)
+        np.testing.assert_allclose(warm, cold, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop", ["manc", "threshold"])
+@pytest.mark.parametrize("sizes, seed", [([300, 500, 400, 350], 0),
+                                         ([200, 260, 340, 420, 500, 580], 1),
+                                         ([40, 60, 80, 100, 120, 90, 110, 70], 2)])
+def test_warm_started_recursion_gives_the_cold_partition(stop, sizes, seed):
+    P, labels = planted_random_walk(sizes, leak=0.05, seed=seed, dtype=np.float32)
+    kwargs = {"stop": stop, "threshold": 0.3 if stop == "threshold" else None}
+    for graph in (FactoredAffinity(P), P @ P.T):
+        warm = recursive_ncut(graph, warm_start=True, **kwargs)
+        cold = recursive_ncut(graph, warm_start=False, **kwargs)
+        np.testing.assert_array_equal(warm.labels, cold.labels)
+        assert [nd.reason for nd in warm.tree] == [nd.reason for nd in cold.tree]
+        np.testing.assert_allclose([nd.ncut for nd in warm.tree], [nd.ncut for nd in cold.tree],
+                                   atol=1e-4)
+        assert adjusted_rand_score(labels, warm.labels) >= 0.99
+
+
+def test_recursion_releases_its_working_buffer():
+    P, _ = planted_random_walk([200, 300], leak=0.05, seed=0, dtype=np.float32)
+    op = FactoredAffinity(P)
+    recursive_ncut(op, stop="manc")
+    assert op._rows is None

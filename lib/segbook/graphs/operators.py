@@ -38,10 +38,26 @@ from segbook.errors import GraphError
 _ROW_BLOCK = 512
 # Rows per block of the factored prefix weights (batched 32 x 32 Gram matrices).
 _GRAM_BLOCK = 32
+# Rows gathered at a time (in Fiedler order) for the factored prefix weights.
+_PREFIX_CHUNK = 256
 # Dense float64 inputs up to this size are kept in float64.
 _DOUBLE_UP_TO = 1024
 # Dense matrices up to this size are checked for symmetry entry by entry.
 _EXACT_SYMMETRY_CHECK_UP_TO = 1024
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D ``a`` and ``b``; on the CPU through NumPy's BLAS on views of the tensors.
+
+    For the thin products of the NCut solver (blocks of 8-32 columns against a 4096-wide
+    factor) OpenBLAS is 1.3-4x faster than torch's CPU GEMM on this project's 2-core machine
+    (torch takes a slow path below 16 columns). The caller keeps OpenBLAS single-threaded
+    (:func:`segbook.groupers.recursive_ncut` does, for its whole run).
+    """
+    if a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype \
+            and a.dim() == 2 and b.dim() == 2 and not (a.requires_grad or b.requires_grad):
+        return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    return a @ b
 
 
 def _as_index(idx) -> np.ndarray:
@@ -55,6 +71,10 @@ def _check_finite_nonneg(values, what: str) -> None:
     # Row blocks: the temporaries stay _ROW_BLOCK x n instead of a second n x n array.
     for start in range(0, max(values.shape[0], 1), _ROW_BLOCK):
         block = values[start:start + _ROW_BLOCK]
+        # Fast path, two reductions: NaN makes the minimum NaN, an infinity makes the sum
+        # infinite; only a block that fails it is examined entry by entry for the message.
+        if not block.numel() or (bool(block.min() >= 0) and bool(torch.isfinite(block.sum()))):
+            continue
         if not torch.isfinite(block).all():
             raise GraphError(f"{what} contains NaN or Inf; clean the features or the attention "
                              "first")
@@ -87,6 +107,18 @@ class Affinity:
     def subgraph(self, idx) -> Affinity:  # pragma: no cover - interface
         """The induced subgraph on the nodes ``idx`` (an index array or boolean mask)."""
         raise NotImplementedError
+
+    def working_subgraph(self, idx) -> Affinity:
+        """:meth:`subgraph` for a loop that uses one subgraph at a time (the NCut recursion).
+
+        The result may live in a buffer that this operator reuses: it is valid only until the
+        next ``working_subgraph`` call on the same operator (or :meth:`release_buffers`).
+        Storage that has nothing to reuse returns :meth:`subgraph`.
+        """
+        return self.subgraph(idx)
+
+    def release_buffers(self) -> None:
+        """Free the buffer of :meth:`working_subgraph` (its last result becomes invalid)."""
 
     def earlier_weights(self, order: np.ndarray) -> np.ndarray:  # pragma: no cover
         """``w[j] = sum_{i < j} A[order[j], order[i]]``: weight to the nodes placed before."""
@@ -139,6 +171,7 @@ class DenseAffinity(Affinity):
         self.A = A.to(dtype=dtype, device=device).contiguous()
         self.n = int(self.A.shape[0])
         self._deg = None
+        self._work = None           # buffers of working_subgraph
         if validate:
             self._validate(atol)
 
@@ -165,7 +198,7 @@ class DenseAffinity(Affinity):
         return torch.from_numpy(np.ascontiguousarray(X)).to(self.A.device, self.A.dtype)
 
     def matmat(self, X):
-        return (self.A @ self._t(X)).double().cpu().numpy()
+        return _gemm(self.A, self._t(X)).double().cpu().numpy()
 
     def degrees(self):
         if self._deg is None:
@@ -175,25 +208,56 @@ class DenseAffinity(Affinity):
     def diagonal(self):
         return self.A.diagonal().double().cpu().numpy()
 
+    def _gather(self, idx: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
+        # Row blocks keep the temporary at _ROW_BLOCK x n rather than |S| x n.
+        for start in range(0, len(idx), _ROW_BLOCK):
+            sel = idx[start:start + _ROW_BLOCK]
+            block = rows[:len(sel)]
+            torch.index_select(self.A, 0, sel, out=block)
+            torch.index_select(block, 1, idx, out=out[start:start + len(sel)])
+
     def subgraph(self, idx):
         idx = torch.from_numpy(_as_index(idx)).to(self.A.device)
         out = torch.empty((len(idx), len(idx)), dtype=self.A.dtype, device=self.A.device)
-        # Row blocks keep the temporary at _ROW_BLOCK x n rather than |S| x n.
-        for start in range(0, len(idx), _ROW_BLOCK):
-            rows = self.A.index_select(0, idx[start:start + _ROW_BLOCK])
-            out[start:start + _ROW_BLOCK] = rows.index_select(1, idx)
+        rows = torch.empty((min(_ROW_BLOCK, len(idx)), self.n), dtype=self.A.dtype,
+                           device=self.A.device)
+        self._gather(idx, out, rows)
         return DenseAffinity(out, dtype=self.A.dtype, validate=False)
+
+    def working_subgraph(self, idx):
+        """``A[S][:, S]`` written into one ``n^2`` buffer reused from call to call (fresh memory
+        costs page faults on first touch, more than the copy)."""
+        idx = torch.from_numpy(_as_index(idx)).to(self.A.device)
+        m = len(idx)
+        if self._work is None:
+            self._work = (torch.empty(self.n * self.n, dtype=self.A.dtype, device=self.A.device),
+                          torch.empty((min(_ROW_BLOCK, self.n), self.n), dtype=self.A.dtype,
+                                      device=self.A.device))
+        flat, rows = self._work
+        out = flat[:m * m].view(m, m)
+        self._gather(idx, out, rows)
+        return DenseAffinity(out, dtype=self.A.dtype, validate=False)
+
+    def release_buffers(self):
+        self._work = None
 
     def earlier_weights(self, order):
         order_t = torch.from_numpy(_as_index(order)).to(self.A.device)
         rank = torch.empty_like(order_t)
         rank[order_t] = torch.arange(self.n, device=self.A.device)
         out = torch.empty(self.n, dtype=torch.float64, device=self.A.device)
-        # Natural row blocks: no permuted copy of A, only a rank comparison mask per block.
+        rows = min(_ROW_BLOCK, self.n)
+        earlier = torch.empty((rows, self.n), dtype=torch.bool, device=self.A.device)
+        masked = torch.empty((rows, self.n), dtype=self.A.dtype, device=self.A.device)
+        zero = torch.zeros((), dtype=self.A.dtype, device=self.A.device)
+        # Natural row blocks: no permuted copy of A, only a rank comparison mask per block,
+        # written into the same two buffers every time (fresh memory costs page faults).
         for start in range(0, self.n, _ROW_BLOCK):
             block = self.A[start:start + _ROW_BLOCK]
-            earlier = rank[None, :] < rank[start:start + _ROW_BLOCK, None]
-            out[start:start + _ROW_BLOCK] = torch.where(earlier, block, 0).sum(1)
+            m = block.shape[0]
+            torch.lt(rank[None, :], rank[start:start + m, None], out=earlier[:m])
+            torch.where(earlier[:m], block, zero, out=masked[:m])
+            out[start:start + m] = masked[:m].sum(1)
         return out.cpu().numpy()[_as_index(order)]
 
     def n_edges(self):
@@ -279,6 +343,8 @@ class FactoredAffinity(Affinity):
     F : array-like or torch.Tensor of shape (n, r), entries >= 0 (so that ``A >= 0``).
     dtype, device : storage of ``F``.
     validate : check finiteness and non-negativity.
+    diagonal : the self-loops ``|f_i|^2`` when already known (a subgraph's are its parent's);
+        computed on first use otherwise.
 
     Notes
     -----
@@ -287,16 +353,29 @@ class FactoredAffinity(Affinity):
     the factored form is meant for are dense (paper 1, section 3.5).
     """
 
-    def __init__(self, F, dtype=torch.float32, device=None, validate: bool = True):
+    def __init__(self, F, dtype=torch.float32, device=None, validate: bool = True,
+                 diagonal=None):
         if not isinstance(F, torch.Tensor):
             F = torch.from_numpy(np.ascontiguousarray(np.asarray(F)))
         if F.ndim != 2:
             raise GraphError(f"FactoredAffinity needs a 2-D factor F (n, r), got {tuple(F.shape)}")
         self.F = F.to(dtype=dtype, device=device).contiguous()
         self.n = int(self.F.shape[0])
-        self._deg = self._diag = None
+        self._deg = None
+        self._diag = None if diagonal is None else np.asarray(diagonal, dtype=np.float64)
+        self._rows = None           # the buffer working_subgraph gathers rows into
         if validate:
             _check_finite_nonneg(self.F, "the factor F of A = F F^T")
+
+    def _derived(self, F: torch.Tensor, diagonal) -> FactoredAffinity:
+        """An operator of the same class on the factor ``F`` (already checked) and known
+        self-loops, without going through ``__init__`` (subclasses keep their type)."""
+        out = object.__new__(type(self))
+        out.__dict__.update({k: v for k, v in self.__dict__.items()
+                             if k not in ("F", "n", "_deg", "_diag", "_rows")})
+        out.F, out.n, out._deg, out._rows = F, int(F.shape[0]), None, None
+        out._diag = diagonal
+        return out
 
     def _t(self, X):
         return torch.from_numpy(np.ascontiguousarray(X)).to(self.F.device, self.F.dtype)
@@ -305,7 +384,7 @@ class FactoredAffinity(Affinity):
         # (X^T F)^T rather than F^T X: the same product, several times faster on CPU because
         # it streams F by rows.
         X = self._t(X)
-        return (self.F @ (X.T @ self.F).T).double().cpu().numpy()
+        return _gemm(self.F, _gemm(X.T, self.F).T).double().cpu().numpy()
 
     def degrees(self):
         if self._deg is None:
@@ -319,8 +398,26 @@ class FactoredAffinity(Affinity):
         return self._diag
 
     def subgraph(self, idx):
-        idx = torch.from_numpy(_as_index(idx)).to(self.F.device)
-        return FactoredAffinity(self.F.index_select(0, idx), dtype=self.F.dtype, validate=False)
+        idx = _as_index(idx)
+        rows = self.F.index_select(0, torch.from_numpy(idx).to(self.F.device))
+        # A subgraph's self-loops |f_i|^2 are its parent's: no pass over F[S] for them.
+        return self._derived(rows, self.diagonal()[idx])
+
+    def working_subgraph(self, idx):
+        """``F[S]`` gathered into one buffer of this operator's size, reused from call to call.
+
+        A fresh ``|S| x r`` tensor per subgraph costs more in page faults (first touch of
+        newly mapped memory) than the copy itself; the recursion needs one subgraph at a time.
+        """
+        idx = _as_index(idx)
+        if self._rows is None:
+            self._rows = torch.empty_like(self.F)
+        rows = self._rows[:len(idx)]
+        torch.index_select(self.F, 0, torch.from_numpy(idx).to(self.F.device), out=rows)
+        return self._derived(rows, self.diagonal()[idx])
+
+    def release_buffers(self):
+        self._rows = None
 
     def earlier_weights(self, order):
         order_t = torch.from_numpy(_as_index(order)).to(self.F.device)
@@ -331,16 +428,27 @@ class FactoredAffinity(Affinity):
         # order cut into blocks of b: the earlier blocks contribute through an exclusive
         # cumulative sum of the block sums, the same block through the strictly lower triangle
         # of its b x b Gram matrix. Batched GEMMs instead of a sequential cumulative sum over
-        # n x r numbers; rows are gathered _ROW_BLOCK at a time (no n x r temporary).
-        for start in range(0, n, _ROW_BLOCK):
-            chunk = self.F.index_select(0, order_t[start:start + _ROW_BLOCK])
+        # n x r numbers. Rows are gathered in Fiedler order _PREFIX_CHUNK at a time into one
+        # reused buffer: the chunk stays in cache for the Gram products, no permuted copy of F
+        # is made, and no fresh memory is touched per chunk.
+        r = self.F.shape[1]
+        buf = torch.empty((min(_PREFIX_CHUNK, n), r), dtype=self.F.dtype, device=self.F.device)
+        ones = torch.ones((1, b), dtype=self.F.dtype, device=self.F.device)
+        for start in range(0, n, _PREFIX_CHUNK):
+            sel = order_t[start:start + _PREFIX_CHUNK]
+            chunk = buf[:len(sel)]
+            torch.index_select(self.F, 0, sel, out=chunk)
             m = chunk.shape[0]
             full = m // b
             if full:
-                blocks = chunk[:full * b].view(full, b, -1)
-                sums = blocks.sum(1, dtype=torch.float64)                    # (full, r)
+                blocks = chunk[:full * b].view(full, b, r)
+                sums = torch.matmul(ones, blocks)[:, 0].double()            # (full, r), GEMM
                 before = torch.cumsum(sums, 0) - sums + carry
-                cross = torch.bmm(blocks, before.to(chunk.dtype)[:, :, None])[:, :, 0]
+                # Products of every row with every block's "before" sum in one thin GEMM
+                # (full * b, full); row i of block k needs column k (a batched matrix-vector
+                # product is several times slower than this GEMM plus a diagonal).
+                cross = _gemm(chunk[:full * b], before.to(chunk.dtype).T).view(full, b, full)
+                cross = torch.diagonal(cross, dim1=0, dim2=2).T                # (full, b)
                 within = torch.tril(torch.bmm(blocks, blocks.transpose(1, 2)), -1).sum(2)
                 out[start:start + full * b] = (cross.double() + within.double()).reshape(-1)
                 carry = before[-1] + sums[-1]

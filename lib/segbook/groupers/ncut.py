@@ -21,12 +21,13 @@ operator from :mod:`segbook.graphs.operators` (notably :class:`FactoredAffinity`
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from segbook.errors import GraphError
 from segbook.graphs.attention import check_row_stochastic
@@ -51,6 +52,39 @@ STOP_RULES = ("threshold", "manc", "scaled_mincut")
 DENSE_SOLVER_MAX_NODES = 128
 # A node whose degree is below this fraction of the largest degree counts as isolated.
 _ISOLATED_RTOL = 1e-12
+# Block size and steps per restart cycle of the block Krylov solver. A block product reads F
+# (or A) once whatever the block's width, and a wider block costs little more per pass (on this
+# CPU, 16 columns ~1.3x the time of 8), so the widest block that converges in few steps wins.
+_KRYLOV_BLOCK = 8
+_KRYLOV_STEPS = 6
+# Leading Ritz vectors a part inherits from its parent (warm start).
+_N_RITZ = 6
+
+
+# NumPy/SciPy's BLAS (OpenBLAS) only sees n x 48 blocks here; its own threads fight torch's and
+# slow everything down several times on a busy machine, so it runs single-threaded. The
+# controller is built once (threadpool_limits scans the process's libraries on every entry) and
+# nested entries do nothing.
+_BLAS_LIMIT = {"controller": None, "depth": 0}
+
+
+@contextmanager
+def _one_blas_thread():
+    if _BLAS_LIMIT["depth"]:
+        _BLAS_LIMIT["depth"] += 1
+        try:
+            yield
+        finally:
+            _BLAS_LIMIT["depth"] -= 1
+        return
+    if _BLAS_LIMIT["controller"] is None:
+        _BLAS_LIMIT["controller"] = ThreadpoolController()
+    with _BLAS_LIMIT["controller"].limit(limits=1, user_api="blas"):
+        _BLAS_LIMIT["depth"] += 1
+        try:
+            yield
+        finally:
+            _BLAS_LIMIT["depth"] -= 1
 
 
 # -- the cut and its value ------------------------------------------------------------------
@@ -118,7 +152,8 @@ def _orthonormal_columns(X: np.ndarray, rtol: float = 1e-8) -> np.ndarray:
     return U[:, sv > rtol * max(sv[0], 1e-300)]
 
 
-def _top_eigpair_block_krylov(apply, n, deflate, block, steps, tol, max_cycles, rng):
+def _top_eigpair_block_krylov(apply, n, deflate, block, steps, tol, max_cycles, rng,
+                              start=None, n_ritz=0):
     """Largest eigenpair of a symmetric operator on the complement of ``deflate``.
 
     Block Krylov with Rayleigh-Ritz after every block step and thick restarts. One block
@@ -128,13 +163,21 @@ def _top_eigpair_block_krylov(apply, n, deflate, block, steps, tol, max_cycles, 
     the top Ritz pair is below ``tol``: with clustered eigenvalues (several well-separated
     groups) any vector of the cluster has a small residual, and any of them splits along a group
     boundary.
+
+    ``start`` (``n x q``, ``q <= block``) replaces the first columns of the random start block
+    (a warm start: a parent graph's Ritz vectors restricted to a part). Returns
+    ``(theta, u, ritz)`` with ``ritz`` the ``n_ritz`` leading Ritz vectors (``n x n_ritz``,
+    best first) or ``None``.
     """
     def project(X):
         X = X - np.outer(deflate, deflate @ X)
         return X - np.outer(deflate, deflate @ X)
 
     X = rng.standard_normal((n, block))
-    theta, u = None, None
+    if start is not None and start.shape[1]:
+        q = min(start.shape[1], block)
+        X[:, :q] = start[:, :q]
+    theta, u, vals, vecs, basis = None, None, None, None, None
     for _ in range(max_cycles):
         basis = np.empty((n, 0))
         images = np.empty((n, 0))
@@ -151,17 +194,27 @@ def _top_eigpair_block_krylov(apply, n, deflate, block, steps, tol, max_cycles, 
             u = basis @ vecs[:, -1]
             residual = np.linalg.norm(images @ vecs[:, -1] - theta * u)
             if residual <= tol or basis.shape[1] >= n - 1:
-                return theta, u
+                return theta, u, _leading(basis, vecs, n_ritz)
             R = W - basis @ (basis.T @ W)
             R = R - basis @ (basis.T @ R)  # twice is enough (Kahan-Parlett)
             Q = _orthonormal_columns(project(R))
+        if vals is None:          # the start block vanished after deflation: start afresh
+            X = rng.standard_normal((n, block))
+            continue
         keep = min(block, len(vals))
         X = basis @ vecs[:, -keep:]
-    return theta, u
+    return theta, u, (None if basis is None else _leading(basis, vecs, n_ritz))
+
+
+def _leading(basis, vecs, k):
+    if not k or vecs is None:
+        return None
+    k = min(k, vecs.shape[1])
+    return basis @ vecs[:, ::-1][:, :k]
 
 
 def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
-                   return_value: bool = False):
+                   return_value: bool = False, start=None):
     """The Fiedler vector: second-smallest solution of ``(D - A) x = lambda D x`` (eq. 3).
 
     Solved through the symmetric normalisation ``M = D^-1/2 A D^-1/2``: if ``M v = mu v`` then
@@ -180,6 +233,9 @@ def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
     tol : residual tolerance of the iterative solver (eigenvalues of ``M`` lie in [-1, 1]).
     seed : seed of the iterative solver's start block (results are deterministic).
     return_value : also return ``lambda_2``.
+    start : optional ``(n, q)`` guesses of the leading solutions of eq. 3 (for instance a
+        parent graph's, restricted to this part) that seed the Krylov solver's start block
+        (a warm start: fewer products with ``A``; the answer is the same to within ``tol``).
 
     Returns
     -------
@@ -187,7 +243,13 @@ def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
         magnitude is positive.
     lambda_2 : float, only with ``return_value=True``.
     """
-    op = as_affinity(A)
+    x, lam, _ = _fiedler(as_affinity(A), solver, tol, seed, start=start)
+    return (x, lam) if return_value else x
+
+
+def _fiedler(op, solver, tol, seed, start=None, n_ritz=0):
+    """:func:`fiedler_vector` on an operator; also returns the ``n_ritz`` leading Ritz vectors
+    of eq. 3 (``x``-space, ``n x n_ritz``; ``None`` from the dense solver) for warm starts."""
     n = op.n
     if n < 2:
         raise GraphError(f"a Fiedler vector needs at least 2 nodes, got {n}")
@@ -195,34 +257,37 @@ def fiedler_vector(A, solver: str = "auto", tol: float = 1e-4, seed: int = 0,
     if (d <= _ISOLATED_RTOL * max(d.max(), 0)).any() or d.max() <= 0:
         raise GraphError("the graph has isolated nodes (degree 0); the generalised eigenproblem "
                          "(D - A) x = lambda D x is singular for them: remove them first")
-    inv_sqrt = 1.0 / np.sqrt(d)
-    top = np.sqrt(d) / np.linalg.norm(np.sqrt(d))
+    sqrt_d = np.sqrt(d)
+    inv_sqrt = 1.0 / sqrt_d
+    top = sqrt_d / np.linalg.norm(sqrt_d)
     if solver == "auto":
         solver = "dense" if n <= DENSE_SOLVER_MAX_NODES else "krylov"
-    with threadpool_limits(1, user_api="blas"):
-        mu, v = _solve_top(op, solver, n, inv_sqrt, top, tol, seed)
+    if start is not None:
+        start = np.asarray(start, dtype=np.float64).reshape(n, -1) * sqrt_d[:, None]
+    with _one_blas_thread():
+        mu, v, ritz = _solve_top(op, solver, n, inv_sqrt, top, tol, seed, start, n_ritz)
     x = _fix_sign(inv_sqrt * v)
     x = x / math.sqrt(max(float((x * x * d).sum()), 1e-300))
-    return (x, float(1.0 - mu)) if return_value else x
+    return x, float(1.0 - mu), (None if ritz is None else inv_sqrt[:, None] * ritz)
 
 
-def _solve_top(op, solver, n, inv_sqrt, top, tol, seed):
-    """Second-largest eigenpair of ``M = D^-1/2 A D^-1/2`` (the largest after deflating ``top``)."""
+def _solve_top(op, solver, n, inv_sqrt, top, tol, seed, start=None, n_ritz=0):
+    """Second-largest eigenpair of ``M = D^-1/2 A D^-1/2`` (the largest after deflating ``top``),
+    and the leading Ritz vectors of the iterative solver (``None`` for the dense one)."""
     if solver == "dense":
         M = op.to_dense() * inv_sqrt[:, None] * inv_sqrt[None, :]
         M = (M + M.T) / 2
         vals, vecs = scipy.linalg.eigh(M, subset_by_index=[n - 2, n - 1])
-        mu, v = vals[0], vecs[:, 0]
-    elif solver == "krylov":
+        return vals[0], vecs[:, 0], None
+    if solver == "krylov":
         def apply(X):
             return inv_sqrt[:, None] * op.matmat(inv_sqrt[:, None] * X)
-        block = min(8, max(1, n - 2))
-        steps = max(2, min(6, (n - 1) // block))
-        mu, v = _top_eigpair_block_krylov(apply, n, top, block, steps, tol, max_cycles=30,
-                                          rng=np.random.default_rng(seed))
-    else:
-        raise ValueError(f"solver must be 'auto', 'dense' or 'krylov', got {solver!r}")
-    return mu, v
+        block = min(_KRYLOV_BLOCK, max(1, n - 2))
+        steps = max(2, min(_KRYLOV_STEPS, (n - 1) // block))
+        return _top_eigpair_block_krylov(apply, n, top, block, steps, tol, max_cycles=30,
+                                         rng=np.random.default_rng(seed), start=start,
+                                         n_ritz=n_ritz)
+    raise ValueError(f"solver must be 'auto', 'dense' or 'krylov', got {solver!r}")
 
 
 def ncut_eigenvectors(A, k: int = 4, dense_max_nodes: int = 2048):
@@ -449,13 +514,17 @@ def _check_stop(stop: str, threshold) -> None:
         raise ValueError("stop='threshold' needs a finite NCut threshold (e.g. 0.3)")
 
 
-def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop):
+def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop,
+                   warm_start=False):
     """Depth-first recursion with an explicit stack (no Python recursion limit).
 
     ``split_fn(graph) -> (Bipartition | None, reason, isolated_mask | None)``;
-    ``accept_fn(graph, split) -> (value, limit)``; ``root_graph.subgraph(idx)`` makes the graph
-    of a node (for a walk, the restriction renormalised, which composes across levels).
-    Terminates: every accepted split makes two non-empty, strictly smaller children.
+    ``accept_fn(graph, split) -> (value, limit)``; ``root_graph.working_subgraph(idx)`` (else
+    ``subgraph``) makes the graph of a node (for a walk, the restriction renormalised, which
+    composes across levels). With ``warm_start``, ``split_fn(graph, start)`` also returns a
+    block of vectors on the graph's nodes (or None); each child's rows of it are passed as the
+    child's ``start``. Terminates: every accepted split makes two non-empty, strictly smaller
+    children.
     """
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
@@ -467,16 +536,22 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
     # Only index sets wait on the stack; a node's subgraph is cut out of the root when the node
     # is processed, so at most one working subgraph (at most n x n) is alive besides the root.
     stack = [root]
+    starts: dict[int, np.ndarray] = {}
+    take = getattr(root_graph, "working_subgraph", root_graph.subgraph)
     while stack:
         node = stack.pop()
-        graph = root_graph if node.parent is None else root_graph.subgraph(node.indices)
+        start = starts.pop(node.id, None)
+        graph = root_graph if node.parent is None else take(node.indices)
         if node.size < 2 * min_size or node.size < 2:
             node.reason = "min_size"
             continue
         if max_depth is not None and node.depth >= max_depth:
             node.reason = "max_depth"
             continue
-        split, reason, isolated = split_fn(graph)
+        if warm_start:
+            split, reason, isolated, block = split_fn(graph, start)
+        else:
+            (split, reason, isolated), block = split_fn(graph), None
         if isolated is not None:
             # Nodes without edges here: their NCut is 0/0; they become one segment.
             parts = [(isolated, "isolated", False), (~isolated, "", True)]
@@ -498,6 +573,8 @@ def _run_recursion(n, root_graph, split_fn, accept_fn, min_size, max_depth, stop
             children.append(child)
             if grow:
                 stack.append(child)
+                if block is not None:
+                    starts[child.id] = block[part]
         node.children = tuple(c.id for c in children)
         del graph
     return NCutResult(labels=_labels_from_leaves(n, tree), tree=tree, stop=stop)
@@ -512,7 +589,7 @@ def _isolated_mask(off_degree: np.ndarray) -> np.ndarray | None:
 def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
                    min_size: int = 2, max_depth: int | None = None, solver: str = "auto",
                    n_thresholds: int | None = None, tol: float = 1e-4, seed: int = 0,
-                   device=None, validate: bool = True) -> NCutResult:
+                   device=None, validate: bool = True, warm_start: bool = True) -> NCutResult:
     """Recursive two-way Normalised Cut (Shi and Malik; paper 1, section 3.4).
 
     (1) Solve eq. 3 for the Fiedler vector; (2) threshold it where the NCut is smallest;
@@ -550,6 +627,11 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     device : torch device for dense storage (``"cuda"`` to run the products on a GPU,
         ``"auto"`` for CUDA when available; default: where the input lives, CPU for arrays).
     validate : check the input once (square, finite, non-negative, symmetric).
+    warm_start : start each part's Krylov solve from its parent's leading Ritz vectors
+        restricted to the part (plus random columns) rather than from random vectors alone.
+        A part of a near block-diagonal graph inherits good approximations of its own leading
+        eigenvectors, so its solve needs fewer products with ``A``; the stop rule and the
+        tolerance are unchanged.
 
     Returns
     -------
@@ -563,34 +645,39 @@ def recursive_ncut(A, stop: str = "threshold", threshold: float | None = None,
     affinities are all equal is kept whole; nodes with no edge inside the subgraph being split
     (self-loops do not count) are set apart as one segment (their NCut is 0/0); disconnected components are found by the spectral
     split itself (NCut 0). Memory: besides the input, one working subgraph at a time, cut out of
-    the input when its node is processed (smaller than ``N x N``; for a factored affinity only
-    ``F[S]``), plus ``512 x N`` temporaries. A float32 dense or tensor input is used without a
-    copy; other inputs are converted once (one ``N x N`` float32 copy).
+    the input when its node is processed into one buffer reused for every node
+    (:meth:`~segbook.graphs.operators.Affinity.working_subgraph`: ``N x N`` for a dense
+    affinity, ``N x r`` for a factored one, whose subgraph is ``F[S]``; freed on return), plus
+    ``512 x N`` temporaries. A float32 dense or tensor input is used without a copy; other
+    inputs are converted once (one ``N x N`` float32 copy).
     """
     _check_stop(stop, threshold)
     op = as_affinity(A, device=device, validate=validate)
 
-    def split_fn(graph):
+    def split_fn(graph, start=None):
         # Edges only: a node with nothing but a self-loop cannot be cut from anything.
         off = graph.degrees() - graph.diagonal()
         if off.max() <= 0:
-            return None, "no_edges", None
+            return None, "no_edges", None, None
         isolated = _isolated_mask(off)
         if isolated is not None:
-            return None, "", isolated
+            return None, "", isolated, None
         if graph.is_constant():
-            return None, "constant", None
-        x = fiedler_vector(graph, solver=solver, tol=tol, seed=seed)
+            return None, "constant", None, None
+        x, _, ritz = _fiedler(graph, solver, tol, seed, start=start,
+                              n_ritz=_N_RITZ if warm_start else 0)
         split = best_threshold_split(graph, x, n_thresholds=n_thresholds, min_size=min_size)
-        return split, "no_threshold", None
+        return split, "no_threshold", None, ritz
 
     def accept_fn(graph, split):
         return _stop_value(stop, graph, split, threshold)
 
-    # The heavy products run in torch; NumPy only handles n x 48 blocks, for which OpenBLAS's
-    # own threads fight torch's and slow everything down several times on a busy machine.
-    with threadpool_limits(1, user_api="blas"):
-        return _run_recursion(op.n, op, split_fn, accept_fn, min_size, max_depth, stop)
+    try:
+        with _one_blas_thread():
+            return _run_recursion(op.n, op, split_fn, accept_fn, min_size, max_depth, stop,
+                                  warm_start=True)
+    finally:
+        op.release_buffers()
 
 
 # -- the random-walk view -------------------------------------------------------------------
@@ -725,6 +812,6 @@ def random_walk_ncut(P, threshold: float, min_size: int = 2, max_depth: int | No
     def accept_fn(walk, split):
         return split.ncut, float(threshold)
 
-    with threadpool_limits(1, user_api="blas"):
+    with _one_blas_thread():
         return _run_recursion(P.shape[0], _Walk(P), split_fn, accept_fn, min_size, max_depth,
                               "threshold")

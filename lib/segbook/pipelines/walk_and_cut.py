@@ -5,7 +5,7 @@
 1. capture self-attention of the U-Net decoder after DDIM inversion (10 of 50 steps), heads
    averaged (section 3.1) -- :meth:`StableDiffusionBackbone.capture` with ``mode="inverted"``;
 2. aggregate the resolutions 8/16/32/64 with DiffSeg's weights into a row-stochastic ``P``
-   (section 3.1) -- :func:`aggregate_attention`;
+   (section 3.1) -- :func:`segbook.graphs.aggregate_self_attention`;
 3. either (a) NCut on the random walk ``P`` itself (section 3.2) with a fixed threshold, or
    (b) ``A = P^k (P^k)^T`` ("dot") or the cosine of the rows of ``P^k`` (section 3.3), cut by
    recursive NCut (section 3.4) with a fixed threshold or a MAN-C stop (section 3.5);
@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segbook.errors import GraphError
-from segbook.graphs.attention import diffseg_weights, power_walk
+from segbook.graphs.attention import aggregate_self_attention, check_row_stochastic, power_walk
 from segbook.graphs.operators import FactoredAffinity
 from segbook.groupers.ncut import STOP_RULES, random_walk_ncut, recursive_ncut
 from segbook.pipelines.upsample import cosine_upsample, nearest_upsample
@@ -270,27 +269,8 @@ class _Clock:
 
 
 # -- aggregation ----------------------------------------------------------------------------
-def _check_stochastic(P: torch.Tensor, atol: float = 1e-3) -> None:
-    """Square, non-negative, finite, rows summing to 1 -- in two passes over ``P``.
-
-    The same checks as :func:`segbook.graphs.check_row_stochastic`: a NaN or infinity makes its
-    row sum non-finite, and ``min`` propagates NaN.
-    """
-    if P.ndim != 2 or P.shape[0] != P.shape[1]:
-        raise GraphError(f"a transition matrix must be square, got shape {tuple(P.shape)}")
-    if not P.numel():
-        return
-    rows = P.sum(1).double()        # float32 sums: 4096 terms, error ~1e-6, far below atol
-    if not torch.isfinite(rows).all():
-        raise GraphError("the transition matrix contains NaN or Inf")
-    low = P.min()
-    if not low >= 0:
-        raise GraphError("the transition matrix has negative entries" if torch.isfinite(low)
-                         else "the transition matrix contains NaN or Inf")
-    worst = float((rows - 1).abs().max())
-    if worst > atol:
-        raise GraphError(f"the transition matrix is not row-stochastic (row sums in "
-                         f"[{float(rows.min()):.4g}, {float(rows.max()):.4g}])")
+# One implementation of each check and of the aggregation: segbook.graphs.
+_check_stochastic = check_row_stochastic
 
 
 def _as_map(x) -> torch.Tensor:
@@ -300,40 +280,15 @@ def _as_map(x) -> torch.Tensor:
     return t
 
 
-def _mean_map(value, r: int, device=None) -> torch.Tensor:
-    """Average of one resolution's maps (a tensor with leading head/layer axes, or a list)."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise GraphError(f"no attention maps for resolution {r}")
-    if len(items) == 1 and isinstance(items[0], torch.Tensor) and items[0].dim() == 2 \
-            and items[0].dtype == torch.float32 and items[0].shape == (r * r, r * r):
-        return items[0] if device is None else items[0].to(device)    # nothing to average
-    total, count = None, 0
-    for item in items:
-        t = _as_map(item)
-        if t.shape[-2:] != (r * r, r * r):
-            raise GraphError(f"attention map for resolution {r} must end in ({r * r}, {r * r}), "
-                             f"got {tuple(t.shape)}")
-        t = t.to(device) if device is not None else t
-        t = t.reshape(-1, r * r, r * r)
-        for layer in t:                       # float32 accumulation, one map at a time
-            if total is None:
-                total = layer.to(torch.float32, copy=True)
-            else:
-                total.add_(layer)
-            count += 1
-    return total.div_(count)
-
-
 def aggregate_attention(maps: Mapping, resolutions=None, weights="diffseg",
                         output_resolution: int | None = None, device=None) -> torch.Tensor:
-    """DiffSeg's multi-resolution aggregation (paper 1, section 3.1), in float32 and in place.
+    """DiffSeg's multi-resolution aggregation (paper 1, section 3.1): an alias of
+    :func:`segbook.graphs.aggregate_self_attention` with the pipeline's argument order.
 
-    The same result as :func:`segbook.graphs.aggregate_self_attention` (keys upsampled
-    bilinearly and renormalised, queries repeated, weights proportional to resolution), up to
-    float32 rounding, about ten times faster at 64^2 tokens: maps are averaged in float32, and
-    each lower-resolution map is added into the output through a broadcast view instead of an
-    expanded copy.
+    Kept for code written against the pipeline; new code can call
+    ``segbook.graphs.aggregate_self_attention`` directly (one implementation: float32, keys
+    upsampled by two small GEMMs and renormalised, queries repeated through broadcast views,
+    weights proportional to resolution).
 
     Parameters
     ----------
@@ -348,103 +303,25 @@ def aggregate_attention(maps: Mapping, resolutions=None, weights="diffseg",
     -------
     torch.Tensor ``(R^2, R^2)`` float32, row-stochastic.
     """
-    if not isinstance(maps, Mapping) or not maps:
-        raise GraphError("no attention maps to aggregate (expected {resolution: maps})")
-    lookup = {int(r): v for r, v in maps.items()}
-    use = sorted(int(r) for r in (resolutions if resolutions is not None else lookup))
-    missing = [r for r in use if r not in lookup]
-    if missing:
-        raise GraphError(f"no attention maps for resolutions {missing}; captured: {sorted(lookup)}")
-    R = int(output_resolution or max(use))
-    if isinstance(weights, str):
-        if weights == "diffseg":
-            w = diffseg_weights(use)
-        elif weights == "uniform":
-            w = {r: 1.0 / len(use) for r in use}
-        else:
-            raise ValueError(f"weights must be 'diffseg', 'uniform' or a mapping, got {weights!r}")
-    else:
-        w = {r: float(weights[r]) for r in use}
-    total = sum(w.values())
-    if total <= 0 or any(v < 0 for v in w.values()):
-        raise GraphError(f"resolution weights must be non-negative and not all 0, got {w}")
-    out = None
-    for r in sorted(use, reverse=True):
-        if R % r:
-            raise GraphError(f"output resolution {R} is not a multiple of resolution {r}")
-        S = _mean_map(lookup[r], r, device)
-        _check_stochastic(S)
-        wr = w[r] / total
-        if r == R:                      # the largest resolution comes first: it starts the sum
-            out = S.mul(wr)
-            continue
-        if out is None:
-            out = torch.zeros(R * R, R * R, dtype=torch.float32, device=S.device)
-        keys = F.interpolate(S.reshape(r * r, 1, r, r), size=(R, R), mode="bilinear",
-                             align_corners=False).reshape(r * r, R * R)
-        keys.div_(keys.sum(1, keepdim=True))
-        f = R // r
-        # Query (qy, qx) on the r-grid is the query (qy f + a, qx f + b) on the R-grid.
-        out.view(r, f, r, f, R * R).add_(keys.view(r, 1, r, 1, R * R), alpha=wr)
-        del keys, S
-    return out
+    return aggregate_self_attention(maps, weights=weights, resolutions=resolutions,
+                                    output_resolution=output_resolution, dtype=torch.float32,
+                                    device=device)
 
 
 # -- the graph ------------------------------------------------------------------------------
 class WalkAffinity(FactoredAffinity):
     """``A = F F^T`` for ``F = P^k`` (paper 1, section 3.3), as the NCut solver reads it.
 
-    A :class:`~segbook.graphs.operators.FactoredAffinity` (no ``N x N`` matrix besides ``F``,
-    not validated again) whose prefix weights (:meth:`earlier_weights`, the exact threshold
-    search of :func:`~segbook.groupers.ncut.best_threshold_split`) come from small Gram
-    matrices instead of a running cumulative sum: with the rows in Fiedler order cut into
-    blocks ``B_1, B_2, ...``, the weight of row ``j`` of block ``B_b`` to all rows before it is
-    ``f_j . (sum of the blocks before b) + sum_{i < j in B_b} (B_b B_b^T)_{ji}``. Batched
-    GEMMs replace a sequential ``cumsum`` over ``N x N`` numbers (about three times faster on
-    a CPU).
+    A :class:`~segbook.graphs.operators.FactoredAffinity` (no ``N x N`` matrix besides ``F``)
+    that keeps ``F``'s float32 (or float64) storage and is not validated again: the pipeline
+    checked ``P`` on the way in. Everything else (Gram-block prefix weights, subgraphs that
+    inherit their self-loops, the reused working buffer of the recursion) is
+    ``FactoredAffinity``'s.
     """
-
-    block = 32
-    chunk = 256
 
     def __init__(self, F, diagonal: np.ndarray | None = None):
         super().__init__(F, dtype=torch.float32 if F.dtype != torch.float64 else torch.float64,
-                         validate=False)
-        self._diag = diagonal
-
-    def subgraph(self, idx):
-        idx = np.asarray(idx)
-        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64, copy=False)
-        idx_t = torch.from_numpy(idx).to(self.F.device)
-        # A subgraph's self-loops |f_i|^2 are its parent's: no pass over F[S] for them.
-        return WalkAffinity(self.F.index_select(0, idx_t), diagonal=self.diagonal()[idx])
-
-    def earlier_weights(self, order):
-        order_t = torch.from_numpy(np.asarray(order, dtype=np.int64)).to(self.F.device)
-        n, b = self.n, self.block
-        out = torch.empty(n, dtype=torch.float64, device=self.F.device)
-        carry = torch.zeros(self.F.shape[1], dtype=torch.float64, device=self.F.device)
-        # Rows gathered in Fiedler order a chunk at a time: the chunk stays in cache for the
-        # Gram products, and no permuted copy of F is made.
-        for start in range(0, n, self.chunk):
-            C = self.F.index_select(0, order_t[start:start + self.chunk])
-            m = C.shape[0]
-            full = m // b
-            if full:
-                blocks = C[: full * b].view(full, b, -1)
-                sums = blocks.sum(1).double()                               # (blocks, r)
-                before = torch.cumsum(sums, 0) - sums + carry               # exclusive
-                cross = torch.bmm(blocks, before.to(C.dtype)[:, :, None])[:, :, 0]
-                within = torch.tril(torch.bmm(blocks, blocks.transpose(1, 2)), -1).sum(2)
-                out[start:start + full * b] = (cross.double() + within.double()).reshape(-1)
-                carry = before[-1] + sums[-1]
-            if full * b < m:                    # a last, shorter block
-                tail = C[full * b:]
-                within = torch.tril(tail @ tail.T, -1).sum(1)
-                out[start + full * b:start + m] = (tail @ carry.to(C.dtype)).double() \
-                    + within.double()
-                carry = carry + tail.sum(0).double()
-        return out.cpu().numpy()
+                         validate=False, diagonal=diagonal)
 
 
 # -- the pipeline ---------------------------------------------------------------------------
@@ -579,7 +456,8 @@ def segment_attention(attn, config: WalkAndCutConfig | None = None, out_size=Non
         with torch.no_grad():
             with clock.step("aggregate"):
                 if isinstance(attn, Mapping):
-                    P = aggregate_attention(attn, resolutions=config.resolutions, device=device)
+                    P = aggregate_self_attention(attn, resolutions=config.resolutions,
+                                                 device=device)
                     # a convex combination of checked maps: row-stochastic by construction
                     P, hw = _as_transition(P, grid, validate=False)
                 else:
