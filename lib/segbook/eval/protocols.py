@@ -1,4 +1,4 @@
-"""``evaluate``: one entry point for the scoring protocols the three papers use.
+"""``evaluate`` (and its streaming form ``Evaluator``): one entry point for the scoring protocols the three papers use.
 
 An unsupervised segmentation has segment ids, not classes, so every protocol first decides
 which class each segment stands for, and the protocols differ in *where* that decision is
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from segbook.eval.centreline import centreline_counts
-from segbook.eval.confusion import as_label_list, check_pair, image_confusion, segment_universe
+from segbook.eval.confusion import as_label_list, check_pair, image_confusion
 from segbook.eval.matching import (
     count_outcomes,
     diffseg_code_outcomes,
@@ -233,116 +233,244 @@ def evaluate(preds, gts, protocol: str, num_classes: int, ignore_index: int = -1
     >>> evaluate(gt + 5, gt, "per_image", num_classes=2).miou  # ids are arbitrary
     1.0
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) \
-            or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    num_classes = int(num_classes)
-    bg_needed = background_many_to_one or protocol == "cliou"
-    if bg_needed and not 0 <= background_index < num_classes:
-        raise ValueError(f"background_index={background_index} is not a class in "
-                         f"[0, {num_classes})")
-    if diffseg_code_compat and protocol not in ("per_image", "per_image_mean"):
-        raise ValueError("diffseg_code_compat applies to the per_image protocols only")
-    if diffseg_code_compat and background_many_to_one:
-        raise ValueError("diffseg_code_compat reproduces DiffSeg's one-to-one matching; it "
-                         "cannot be combined with background_many_to_one")
+    ev = Evaluator(protocol, num_classes, ignore_index=ignore_index,
+                   background_many_to_one=background_many_to_one,
+                   background_index=background_index,
+                   diffseg_code_compat=diffseg_code_compat, tolerance=tolerance)
     pred_list = as_label_list(preds, "preds")
     gt_list = as_label_list(gts, "gts")
     if len(pred_list) != len(gt_list):
         raise ValueError(f"{len(pred_list)} predictions but {len(gt_list)} ground-truth maps")
-    pairs = [check_pair(p, g, num_classes, ignore_index, i)
-             for i, (p, g) in enumerate(zip(pred_list, gt_list))]
-    background = background_index if bg_needed else None
-    reduce = _torch_all_reduce() if distributed else None
-
-    if protocol in ("dataset", "dataset_majority"):
-        return _dataset(pairs, protocol, num_classes, ignore_index, background, reduce)
-    return _per_image(pairs, protocol, num_classes, ignore_index, background,
-                      diffseg_code_compat, tolerance, reduce)
+    for pred, gt in zip(pred_list, gt_list):
+        ev.update(pred, gt)
+    return ev.result(distributed=distributed)
 
 
 _MAX_DISTRIBUTED_CLUSTER_ID = 1 << 20
 
 
-def _dataset(pairs, protocol, num_classes, ignore_index, background, reduce=None) -> Scores:
-    preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
-    if reduce is None:
-        universe = segment_universe(preds, gts, ignore_index)
-    else:
-        # every rank needs the same columns: all ids up to the largest on any rank
-        top = int(reduce(max(int(p.max()) if p.size else -1 for p in preds), op="max"))
-        if top >= _MAX_DISTRIBUTED_CLUSTER_ID:
-            raise ValueError(f"cluster id {top} is too large for a distributed dataset "
-                             "evaluation; number the clusters 0..K-1")
-        universe = np.arange(top + 1)
-    conf = np.zeros((num_classes, universe.size), np.int64)
-    n_valid = 0
-    for pred, gt in pairs:
-        ic = image_confusion(pred, gt, num_classes, ignore_index, segment_universe=universe)
-        conf += ic.conf
-        n_valid += ic.n_valid
-    n_images = len(pairs)
-    if reduce is not None:
-        conf = reduce(conf).astype(np.int64)
-        n_valid, n_images = int(reduce(n_valid)), int(reduce(n_images))
-    assign = (majority_assignment(conf) if protocol == "dataset_majority"
-              else hungarian_assignment(conf, background))
-    tp, fp, fn = count_outcomes(conf, assign)
-    return _accumulated(protocol, tp, fp, fn, n_valid, n_images)
+class Evaluator:
+    """Streaming form of :func:`evaluate`: ``update`` one image at a time, ``result`` at the end.
 
+    :func:`evaluate` is this accumulator run over a list, so the two give identical scores.
+    The state holds only what a protocol needs, so memory does not grow with the number of
+    images beyond three floats per image (the per-image means' headline values):
 
-def _per_image(pairs, protocol, num_classes, ignore_index, background, compat,
-               tolerance, reduce=None) -> Scores:
-    n = len(pairs)
-    counts = np.zeros((n, 3, num_classes), np.int64)
-    n_valid = np.zeros(n, np.int64)
-    cl_counts = np.zeros(3, np.int64)
-    for i, (pred, gt) in enumerate(pairs):
-        if compat:
-            counts[i] = diffseg_code_outcomes(pred, gt, num_classes, ignore_index)
-            n_valid[i] = int((gt != ignore_index).sum())
-            continue
-        ic = image_confusion(pred, gt, num_classes, ignore_index)
-        n_valid[i] = ic.n_valid
-        if protocol == "oracle_merged":
-            assign = majority_assignment(ic.conf)
+    * ``"dataset"``, ``"dataset_majority"``: the dataset confusion matrix (classes x cluster
+      ids seen so far on valid pixels), matched once in :meth:`result`;
+    * ``"per_image"``, ``"cliou"``: per-class TP/FP/FN summed over images (each image is
+      matched on arrival), valid-pixel count, clIoU counts;
+    * ``"per_image_mean"``, ``"oracle_merged"``: the same sums, plus each image's mIoU,
+      accuracy and F1, and running per-class sums and counts of the per-image IoU and F1.
+
+    Shards combine with :meth:`merge` (same process) or ``result(distributed=True)`` (an
+    all-reduce over the default ``torch.distributed`` group, e.g. one shard per ``torchrun``
+    rank). The parameters are those of :func:`evaluate`; see it for the protocols (paper 1,
+    supplement Table 6, for the per-image variants).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ev = Evaluator("per_image", num_classes=2)
+    >>> for gt in (np.array([[0, 0, 1, 1]]), np.array([[1, 1, 0, 0]])):
+    ...     _ = ev.update(gt + 3, gt)
+    >>> ev.result().miou, ev.n_images
+    (1.0, 2)
+    """
+
+    def __init__(self, protocol: str, num_classes: int, ignore_index: int = -1,
+                 background_many_to_one: bool = False, background_index: int = 0,
+                 diffseg_code_compat: bool = False, tolerance: float = 4):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose one of "
+                             f"{', '.join(PROTOCOLS)}")
+        if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) \
+                or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        num_classes = int(num_classes)
+        bg_needed = background_many_to_one or protocol == "cliou"
+        if bg_needed and not 0 <= background_index < num_classes:
+            raise ValueError(f"background_index={background_index} is not a class in "
+                             f"[0, {num_classes})")
+        if diffseg_code_compat and protocol not in ("per_image", "per_image_mean"):
+            raise ValueError("diffseg_code_compat applies to the per_image protocols only")
+        if diffseg_code_compat and background_many_to_one:
+            raise ValueError("diffseg_code_compat reproduces DiffSeg's one-to-one matching; it "
+                             "cannot be combined with background_many_to_one")
+        self.protocol = protocol
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.background_many_to_one = bool(background_many_to_one)
+        self.background_index = background_index
+        self.diffseg_code_compat = bool(diffseg_code_compat)
+        self.tolerance = tolerance
+        self._background = background_index if bg_needed else None
+        self._dataset = protocol in ("dataset", "dataset_majority")
+        self._means = protocol in ("per_image_mean", "oracle_merged")
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> Evaluator:
+        """Forget every image seen so far."""
+        c = self.num_classes
+        self.n_images = 0
+        self.n_valid = 0
+        self._max_id = -1                              # largest id on any pixel (distributed)
+        self._ids = np.zeros(0, np.int64)              # dataset: sorted cluster ids (columns)
+        self._conf = np.zeros((c, 0), np.int64)        # dataset: confusion matrix
+        self._counts = np.zeros((3, c), np.int64)      # per-image: tp, fp, fn sums
+        self._cl_counts = np.zeros(3, np.int64)        # cliou
+        self._img = {"miou": [], "pixel_accuracy": [], "f1": []}   # per-image means
+        self._class_sums = np.zeros((4, c), np.float64)  # iou sum, iou count, f1 sum, f1 count
+        return self
+
+    def _config(self):
+        return (self.protocol, self.num_classes, self.ignore_index, self.background_many_to_one,
+                self._background, self.diffseg_code_compat, self.tolerance)
+
+    def _add_columns(self, ids: np.ndarray, conf: np.ndarray) -> None:
+        """Add a confusion matrix whose columns are the (sorted) cluster ``ids``."""
+        if ids.size == 0:
+            return
+        pos = np.searchsorted(self._ids, ids)
+        known = pos < self._ids.size
+        known[known] = self._ids[pos[known]] == ids[known]
+        if not known.all():
+            union = np.union1d(self._ids, ids)
+            grown = np.zeros((self.num_classes, union.size), np.int64)
+            grown[:, np.searchsorted(union, self._ids)] = self._conf
+            self._ids, self._conf = union, grown
+            pos = np.searchsorted(self._ids, ids)
+        self._conf[:, pos] += conf
+
+    # ----------------------------------------------------------------- update
+    def update(self, pred, gt) -> Evaluator:
+        """Add one image (2-D maps) or a batch (``(N, H, W)`` arrays or lists of 2-D maps).
+
+        Inputs are checked as in :func:`evaluate` (numpy arrays or torch tensors).
+        """
+        preds, gts = as_label_list(pred, "pred"), as_label_list(gt, "gt")
+        if len(preds) != len(gts):
+            raise ValueError(f"{len(preds)} predictions but {len(gts)} ground-truth maps")
+        for p, g in zip(preds, gts):
+            self._update_one(*check_pair(p, g, self.num_classes, self.ignore_index,
+                                         self.n_images))
+        return self
+
+    def _update_one(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        self.n_images += 1
+        if pred.size:
+            self._max_id = max(self._max_id, int(pred.max()))
+        if self.diffseg_code_compat:
+            counts = diffseg_code_outcomes(pred, gt, self.num_classes, self.ignore_index)
+            n_valid = int((gt != self.ignore_index).sum())
         else:
-            assign = hungarian_assignment(ic.conf, background)
-        counts[i] = count_outcomes(ic.conf, assign)
-        if protocol == "cliou":
-            matched = np.full(gt.shape, -1, np.int64)
-            matched[ic.valid] = assign[ic.columns]
-            fg_pred = (matched >= 0) & (matched != background)
-            fg_gt = ic.valid & (gt != background)
-            cl_counts += centreline_counts(fg_pred, fg_gt, tolerance, valid=ic.valid)
-    reduce = reduce or _no_reduce
-    tp, fp, fn = (reduce(counts[:, j].sum(0)).astype(np.int64) for j in range(3))
-    n_total = int(reduce(n))
-    if protocol in ("per_image", "cliou"):
-        extra = {}
-        if protocol == "cliou":
-            cl_counts = reduce(cl_counts)
-            total = float(cl_counts.sum())
-            extra["cliou"] = float(cl_counts[0] / total) if total else float("nan")
-        return _accumulated(protocol, tp, fp, fn, int(reduce(n_valid.sum())), n_total, **extra)
+            ic = image_confusion(pred, gt, self.num_classes, self.ignore_index)
+            n_valid = ic.n_valid
+            if self._dataset:
+                self.n_valid += n_valid
+                self._add_columns(ic.segment_ids, ic.conf)
+                return
+            if self.protocol == "oracle_merged":
+                assign = majority_assignment(ic.conf)
+            else:
+                assign = hungarian_assignment(ic.conf, self._background)
+            counts = count_outcomes(ic.conf, assign)
+            if self.protocol == "cliou":
+                matched = np.full(gt.shape, -1, np.int64)
+                matched[ic.valid] = assign[ic.columns]
+                fg_pred = (matched >= 0) & (matched != self._background)
+                fg_gt = ic.valid & (gt != self._background)
+                self._cl_counts += centreline_counts(fg_pred, fg_gt, self.tolerance,
+                                                     valid=ic.valid)
+        counts = np.asarray(counts, np.int64)
+        self._counts += counts
+        self.n_valid += n_valid
+        if self._means:
+            iou, f1 = _ratios(*counts)
+            self._img["miou"].append(_nanmean(iou))
+            self._img["f1"].append(_nanmean(f1))
+            self._img["pixel_accuracy"].append(
+                float(counts[0].sum() / n_valid) if n_valid > 0 else float("nan"))
+            for row, values in ((0, iou), (2, f1)):
+                ok = ~np.isnan(values)
+                self._class_sums[row] += np.where(ok, values, 0.0)
+                self._class_sums[row + 1] += ok
 
-    iou, f1 = _ratios(counts[:, 0], counts[:, 1], counts[:, 2])  # (n, C) each
-    has_pixels = n_valid > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        img_acc = np.where(has_pixels, counts[:, 0].sum(1) / np.maximum(n_valid, 1), np.nan)
-    img_miou = np.array([_nanmean(row) for row in iou])
-    img_f1 = np.array([_nanmean(row) for row in f1])
-    # sums and counts of non-NaN values, all-reduced, then divided: a mean over all images
-    (miou, acc, f1_mean), class_iou, class_f1 = (
-        [_ratio_or_nan(*(reduce(v) for v in _sum_and_count(x))) for x in (img_miou, img_acc,
-                                                                          img_f1)],
-        _ratio_or_nan(*(reduce(v) for v in _sum_and_count(iou))),
-        _ratio_or_nan(*(reduce(v) for v in _sum_and_count(f1))))
-    return Scores(protocol, float(miou), float(acc), float(f1_mean), class_iou, class_f1,
-                  tp, fp, fn, n_total,
-                  per_image={"miou": img_miou, "pixel_accuracy": img_acc, "f1": img_f1})
+    # ------------------------------------------------------------------ merge
+    def merge(self, other: Evaluator) -> Evaluator:
+        """Add another accumulator's images to this one (same protocol and settings).
+
+        Scoring ``a.merge(b)`` equals scoring ``a``'s images followed by ``b``'s.
+        """
+        if not isinstance(other, Evaluator):
+            raise TypeError(f"can only merge another Evaluator, got {type(other).__name__}")
+        if other._config() != self._config():
+            raise ValueError(f"cannot merge evaluators with different settings: "
+                             f"{self._config()} vs {other._config()}")
+        self.n_images += other.n_images
+        self.n_valid += other.n_valid
+        self._max_id = max(self._max_id, other._max_id)
+        self._add_columns(other._ids, other._conf)
+        self._counts += other._counts
+        self._cl_counts += other._cl_counts
+        for key, values in other._img.items():
+            self._img[key].extend(values)
+        self._class_sums += other._class_sums
+        return self
+
+    # ----------------------------------------------------------------- result
+    def result(self, distributed: bool = False) -> Scores:
+        """The scores of every image seen (does not change the state).
+
+        ``distributed=True``: every ``torch.distributed`` rank holds its own shard; the counts
+        are all-reduced and every rank returns the scores of the whole dataset (see
+        :func:`evaluate`). ``Scores.per_image`` then lists this rank's images only.
+        """
+        reduce = _torch_all_reduce() if distributed else _no_reduce
+        n_total = int(reduce(self.n_images))
+        if n_total == 0:
+            raise ValueError("no images: call update(pred, gt) before result()")
+        if self._dataset:
+            return self._dataset_result(reduce, distributed, n_total)
+        tp, fp, fn = (reduce(self._counts[j]).astype(np.int64) for j in range(3))
+        if not self._means:
+            extra = {}
+            if self.protocol == "cliou":
+                cl = reduce(self._cl_counts)
+                total = float(cl.sum())
+                extra["cliou"] = float(cl[0] / total) if total else float("nan")
+            return _accumulated(self.protocol, tp, fp, fn, int(reduce(self.n_valid)), n_total,
+                                **extra)
+        img = {k: np.asarray(v, np.float64) for k, v in self._img.items()}
+        # sums and counts of non-NaN values, all-reduced, then divided: a mean over all images
+        miou, acc, f1_mean = (_ratio_or_nan(*(reduce(v) for v in _sum_and_count(img[k])))
+                              for k in ("miou", "pixel_accuracy", "f1"))
+        sums = [reduce(row) for row in self._class_sums]
+        class_iou, class_f1 = _ratio_or_nan(sums[0], sums[1]), _ratio_or_nan(sums[2], sums[3])
+        return Scores(self.protocol, float(miou), float(acc), float(f1_mean), class_iou,
+                      class_f1, tp, fp, fn, n_total, per_image=img)
+
+    def _dataset_result(self, reduce, distributed, n_total) -> Scores:
+        ids, conf = self._ids, self._conf
+        if distributed:
+            # every rank needs the same columns: all ids up to the largest on any rank
+            top = int(reduce(self._max_id, op="max"))
+            if top >= _MAX_DISTRIBUTED_CLUSTER_ID:
+                raise ValueError(f"cluster id {top} is too large for a distributed dataset "
+                                 "evaluation; number the clusters 0..K-1")
+            full = np.zeros((self.num_classes, top + 1), np.int64)
+            full[:, ids] = conf
+            conf = reduce(full).astype(np.int64)
+        n_valid = int(reduce(self.n_valid))
+        assign = (majority_assignment(conf) if self.protocol == "dataset_majority"
+                  else hungarian_assignment(conf, self._background))
+        tp, fp, fn = count_outcomes(conf, assign)
+        return _accumulated(self.protocol, tp, fp, fn, n_valid, n_total)
+
+    def __repr__(self) -> str:
+        return (f"Evaluator({self.protocol!r}, num_classes={self.num_classes}, "
+                f"n_images={self.n_images})")
 
 
 def matched_prediction(pred, gt, num_classes: int, rule: str = "hungarian",
