@@ -268,3 +268,31 @@ def test_head_chunks_do_not_change_the_result():
                                                 head_chunk=3))
         torch.testing.assert_close(one.attn, three.attn)
         torch.testing.assert_close(one.logits, three.logits)
+
+
+# -- Table 7 (paper 1, supplement): "step s" -> timestep -------------------------------------
+def test_table7_timestep_mapping():
+    from segbook.backbones.diffusion import table7_capture_kwargs, table7_timestep
+    assert table7_timestep(40) == 181          # paper 1's setting: 10 of 50 inversion steps
+    assert [table7_timestep(s) for s in (0, 1, 25, 49)] == [981, 961, 481, 1]
+    assert all(table7_timestep(s) == 981 - 20 * s for s in range(50))
+    assert table7_timestep(5, num_inference_steps=10) == 401     # 901, 801, ..., 1
+    assert table7_capture_kwargs(40) == {"mode": "inverted", "inversion_steps": 10,
+                                         "num_inference_steps": 50}
+    assert table7_capture_kwargs(30, inversion=False) == {"mode": "clean", "t": 381}
+    for bad in (-1, 50, 2.5, True):
+        with pytest.raises(ValueError, match="step"):
+            table7_timestep(bad)
+    with pytest.raises(ValueError, match="step 0"):
+        table7_capture_kwargs(0)
+
+
+def test_table7_inverted_capture_lands_on_the_mapped_timestep():
+    from segbook.backbones import load_backbone
+    from segbook.backbones.diffusion import table7_capture_kwargs, table7_timestep
+    bb = load_backbone("tiny-sd", device="cpu")
+    img = np.zeros((32, 32, 3), np.uint8)
+    for step, inverted in [(8, True), (6, False)]:
+        kw = {**table7_capture_kwargs(step, inverted, num_inference_steps=10), "size": 64}
+        cap = bb.capture(img, layers="mid", progress=False, **kw)
+        assert cap.meta["timestep"] == table7_timestep(step, num_inference_steps=10)

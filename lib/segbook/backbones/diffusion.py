@@ -65,6 +65,55 @@ SD14_UNET_CONFIG = {"sample_size": 64, "cross_attention_dim": 768}
 MODES = ("clean", "noised", "inverted")
 DIFFSEG_TIMESTEP = 300          # DiffSeg: one pass at t = 300 on the clean latent
 PAPER2_MAX_TIMESTEP = 250       # paper 2: t ~ U{0..250} per forward pass
+DIFFCUT_TIMESTEP = 50           # DiffCut: one pass at t = 50 on the noised latent
+DIFFCUT_SEED = 42               # DiffCut's fixed noise seed (its generator is on the GPU, ours
+                                # on the CPU: the same rule, not the same numbers)
+
+
+def table7_timestep(step: int, num_inference_steps: int = 50, scheduler=None) -> int:
+    """The U-Net timestep at which paper 1's supplement Table 7 reads attention for "step s".
+
+    Paper 1 (section 3.1) DDIM-inverts the image for 10 of 50 steps and reads the attention
+    at the timestep reached, i.e. at step 40 of the 50-step denoising schedule (timestep 181
+    with SD 1.4's DDIM schedule 981, 961, ..., 1). Its supplement's Table 7 varies "the step"
+    without saying how a step becomes a timestep. We read step ``s`` as index ``s`` of the
+    ``num_inference_steps``-step DDIM denoising schedule (``scheduler.timesteps[s]``), so
+    step 40 -> 181 as in the main text, reached by ``num_inference_steps - s`` inversion steps
+    (:func:`table7_capture_kwargs`). Other readings (``s`` inversion steps; a 1000-step index)
+    are possible; this one is the only one that reproduces the main text's setting.
+
+    Parameters
+    ----------
+    step : ``0 <= step < num_inference_steps``.
+    num_inference_steps : length of the DDIM schedule (50 in paper 1).
+    scheduler : a diffusers scheduler (default: :func:`sd_scheduler`, SD 1.4's DDIM).
+
+    >>> table7_timestep(40), table7_timestep(0), table7_timestep(49)
+    (181, 981, 1)
+    """
+    if isinstance(step, bool) or int(step) != step or not 0 <= step < num_inference_steps:
+        raise ValueError(f"step must be an integer in [0, {num_inference_steps}), got {step!r}")
+    scheduler = scheduler or sd_scheduler()
+    scheduler.set_timesteps(int(num_inference_steps))
+    return int(scheduler.timesteps[int(step)])
+
+
+def table7_capture_kwargs(step: int, inversion: bool = True,
+                          num_inference_steps: int = 50) -> dict[str, Any]:
+    """``capture`` keyword arguments for one row of paper 1's supplement Table 7.
+
+    With ``inversion``: DDIM inversion for ``num_inference_steps - step`` steps (the U-Net is
+    then called at :func:`table7_timestep`); without: the clean latent at that timestep
+    (DiffSeg's way; the paper does not say how its "no inversion" rows were made).
+    """
+    t = table7_timestep(step, num_inference_steps)
+    if inversion:
+        if step == 0:
+            raise ValueError("step 0 needs num_inference_steps inversion steps and no denoising "
+                             "is left; use step >= 1")
+        return {"mode": "inverted", "inversion_steps": num_inference_steps - int(step),
+                "num_inference_steps": num_inference_steps}
+    return {"mode": "clean", "t": t}
 
 
 # --------------------------------------------------------------------------------------
@@ -255,6 +304,34 @@ class StableDiffusionBackbone(Backbone):
             "mid": [n for n in attn if n.startswith("mid_block")],
             "blocks": self._block_names(),
         }
+
+    def diffcut_layer(self) -> str:
+        """DiffCut's layer for SD 1.x: the ``attn1`` of the last transformer of
+        ``down_blocks[-2]`` (``PaulCouairon/DiffCut``, ``tools/ldm.py``; SSD-1B uses
+        ``down_blocks[-1]``). Its grid is 16 x 16 at 512 px and 32 x 32 at 1024 px, the size
+        DiffCut's code resizes every image to."""
+        prefix = f"down_blocks.{len(self.unet.down_blocks) - 2}."
+        names = [n for n in self._attn_names if n.startswith(prefix)]
+        if not names:
+            raise ValueError(f"{self.name}: {prefix[:-1]} has no self-attention layer for "
+                             "DiffCut's features")
+        return names[-1]
+
+    def _diffcut_layer_or_none(self) -> str | None:
+        try:
+            return self.diffcut_layer()
+        except ValueError:
+            return None
+
+    def diffcut_capture_kwargs(self, size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+        """``capture`` keyword arguments for DiffCut's features (Couairon et al., NeurIPS 2024):
+        :meth:`diffcut_layer`'s output, one U-Net pass at t = 50 on the latent noised with a
+        fixed seed. ``size``: model input (None: :attr:`image_size`)."""
+        out = {"layers": self.diffcut_layer(), "mode": "noised", "t": DIFFCUT_TIMESTEP,
+               "seed": DIFFCUT_SEED, "features": True}
+        if size is not None:
+            out["size"] = size
+        return out
 
     def _input_hw(self, size) -> tuple[int, int]:
         if size is None:
@@ -460,6 +537,7 @@ class StableDiffusionBackbone(Backbone):
                   "model_input_size": input_hw, "latent_size": tuple(z0.shape[-2:]),
                   "model_dtype": str(self.dtype), "store_dtype": str(opts.dtype),
                   "heads": opts.heads, "fingerprint": self.fingerprint,
+                  "diffcut_layer": self._diffcut_layer_or_none(),
                   "options": {k: (str(v) if isinstance(v, torch.dtype) else v)
                               for k, v in opts.__dict__.items()}})
 

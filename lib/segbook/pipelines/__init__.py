@@ -18,7 +18,9 @@ from segbook.pipelines.groupers import (
     KMeansGrouper,
     WalkAndCut,
     compare_methods,
+    resolve_device,
     segment_with,
+    split_hierarchy,
 )
 from segbook.pipelines.synthetic import planted_attention, planted_scene
 from segbook.pipelines.upsample import (
@@ -62,10 +64,12 @@ __all__ = [
     "peak_memory",
     "planted_attention",
     "planted_scene",
+    "resolve_device",
     "run_batch",
     "segment_attention",
     "segment_means",
     "segment_with",
+    "split_hierarchy",
     "upsampled_row_norms",
     "walk_and_cut",
 ]

@@ -31,6 +31,7 @@ from segbook.errors import GraphError
 from segbook.groupers.diffcut import diffcut_segment
 from segbook.groupers.diffseg import DiffSeg
 from segbook.groupers.kmeans import kmeans_silhouette
+from segbook.groupers.ncut import NCutResult
 from segbook.pipelines.upsample import cosine_upsample, dot_upsample, nearest_upsample
 from segbook.pipelines.walk_and_cut import (
     SegmentationResult,
@@ -48,7 +49,24 @@ from segbook.pipelines.walk_and_cut import (
 )
 
 __all__ = ["GROUPERS", "DiffCut", "DiffSegGrouper", "KMeansGrouper", "WalkAndCut",
-           "compare_methods", "segment_with"]
+           "compare_methods", "resolve_device", "segment_with", "split_hierarchy"]
+
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"``: the first CUDA device when one is available, else the CPU; otherwise
+    ``torch.device(device)``, checked to exist (so that the full profile's NCut on 4096 tokens
+    runs on the GPU, not wherever the capture was copied to)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:i]' or a torch.device, got "
+                         f"{device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use "
+                         "device='auto' or 'cpu'")
+    return dev
 
 
 def _source_info(source):
@@ -58,17 +76,19 @@ def _source_info(source):
     return None, False
 
 
-def _transition_from(source, resolutions=None, grid=None):
-    """``P`` and its grid from a Capture, a ``{resolution: maps}`` dict or a ready ``P``."""
+def _transition_from(source, resolutions=None, grid=None, device=None):
+    """``P`` (on ``device``) and its grid from a Capture, a ``{resolution: maps}`` dict or a
+    ready ``P``."""
     from segbook.backbones.base import Capture
     if isinstance(source, Capture):
         source = source.attention_by_resolution()
     if isinstance(source, Mapping):
-        P = aggregate_attention(source, resolutions=resolutions)
+        P = aggregate_attention(source, resolutions=resolutions, device=device)
         return _as_transition(P, grid, validate=False)
     if resolutions is not None:
         raise ValueError("resolutions select maps to aggregate; a ready P has none")
-    return _as_transition(source, grid)
+    P, hw = _as_transition(source, grid)
+    return (P if device is None else P.to(device)), hw
 
 
 def _out_size(out_size, image, grid):
@@ -82,15 +102,24 @@ def _out_size(out_size, image, grid):
 class WalkAndCut:
     """Paper 1 as a grouper: :func:`~segbook.pipelines.walk_and_cut.segment_attention` with a
     fixed :class:`~segbook.pipelines.walk_and_cut.WalkAndCutConfig` (keyword arguments
-    replace its fields)."""
+    replace its fields).
+
+    ``device``: where aggregation, ``P^k``, NCut and upsampling run (``"auto"``: CUDA when
+    available, else the CPU; see :func:`resolve_device`), whatever device the capture is on.
+    The split tree of a result is :func:`split_hierarchy`."""
 
     name = "walk_and_cut"
 
-    def __init__(self, config: WalkAndCutConfig | None = None, **params):
+    def __init__(self, config: WalkAndCutConfig | None = None, device="auto", **params):
         self.config = replace(config or WalkAndCutConfig(), **params)
+        resolve_device(device)  # fail early on a bad or unavailable device
+        self.device = device
 
-    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
-        return segment_attention(source, self.config, out_size=out_size, image=image)
+    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
+        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
+        dev = resolve_device(self.device if device is None else device)
+        return segment_attention(source, self.config, out_size=out_size, image=image,
+                                 device=dev)
 
 
 class DiffSegGrouper:
@@ -104,12 +133,15 @@ class DiffSegGrouper:
     refine : the authors' optional K-means refinement.
     resolutions : attention resolutions aggregated (None: all), DiffSeg's weights.
     pamr : PAMR refinement of the label map (needs the image).
+    device : where aggregation, merging and upsampling run (``"auto"``: CUDA when available).
     """
 
     name = "diffseg"
 
     def __init__(self, kl_threshold=1.1, iterations: int = 3, grid: int = 16,
-                 refine: bool = False, resolutions=None, pamr: bool = False):
+                 refine: bool = False, resolutions=None, pamr: bool = False, device="auto"):
+        resolve_device(device)
+        self.device = device
         self.model = DiffSeg(kl_threshold=kl_threshold, iterations=iterations, grid=grid,
                              refine=refine)
         self.resolutions = None if resolutions is None else tuple(sorted(resolutions))
@@ -118,15 +150,18 @@ class DiffSegGrouper:
     def params(self) -> dict:
         m = self.model
         return {"kl_threshold": m.kl_threshold, "iterations": m.iterations, "grid": m.grid,
-                "refine": m.refine, "resolutions": self.resolutions, "pamr": self.pamr}
+                "refine": m.refine, "resolutions": self.resolutions, "pamr": self.pamr,
+                "device": str(self.device)}
 
-    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
+        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
+        dev = resolve_device(self.device if device is None else device)
         backbone, stand_in = _source_info(source)
-        with peak_memory() as peak:
-            clock = _Clock()
+        with peak_memory(dev) as peak:
+            clock = _Clock(dev)
             with torch.no_grad():
                 with clock.step("aggregate"):
-                    P, hw = _transition_from(source, self.resolutions)
+                    P, hw = _transition_from(source, self.resolutions, device=dev)
                 with clock.step("ncut"):          # the grouping step (merging, for DiffSeg)
                     self.model.fit(P, spatial_shape=hw)
                 size = _out_size(out_size, image, hw)
@@ -153,6 +188,15 @@ def _features_from(source, layer):
             raise GraphError("DiffCut needs features and the capture has none: capture with "
                              "features=True (Stable Diffusion) or feature layers (CNN, "
                              "capture_attention(..., with_features=True))")
+        if layer is None and source.meta.get("diffcut_layer"):
+            # a diffusion backbone: DiffCut's own layer, never a decoder layer by default
+            layer = source.meta["diffcut_layer"]
+            if layer not in [lc.name for lc in candidates]:
+                raise GraphError(f"DiffCut reads the features of {layer!r} (encoder, t = 50) "
+                                 f"and this capture has features of "
+                                 f"{[lc.name for lc in candidates]} only: capture with "
+                                 "backbone.capture(image, **backbone.diffcut_capture_kwargs()) "
+                                 "or pass layer=... explicitly")
         if layer is not None:
             picked = [lc for lc in candidates if lc.name == layer]
             if not picked:
@@ -193,17 +237,29 @@ class DiffCut:
     tau : NCut stop threshold (0.5 with SSD-1B, 0.2 with SD 1.4).
     n_thresholds : thresholds tried per split (100; None = exact search).
     min_size : smallest segment in tokens (1: no limit, as DiffCut).
-    layer : the capture layer whose features are cut (None: the last layer with features on the
-        largest grid of at most 32 x 32 tokens, DiffCut's resolution).
+    layer : the capture layer whose features are cut. None: on a Stable Diffusion capture,
+        DiffCut's layer (the ``attn1`` output of the last block of ``down_blocks[-2]``,
+        :meth:`~segbook.backbones.diffusion.StableDiffusionBackbone.diffcut_layer`); on other
+        captures the last layer with features on the largest grid of at most 32 x 32 tokens,
+        DiffCut's resolution.
+    capture_size : on a diffusion backbone, :func:`compare_methods` captures DiffCut's
+        features separately (that layer, t = 50, fixed-seed noise:
+        :meth:`~segbook.backbones.diffusion.StableDiffusionBackbone.diffcut_capture_kwargs`)
+        at this model input size (None: the attention capture's size). DiffCut's code resizes
+        every image to 1024 px, where SD 1.4's layer has 32 x 32 tokens (16 x 16 at 512 px).
     upsample : ``"dot"`` (DiffCut's) or ``"nearest"``.
     pamr : refine with PAMR (needs the image).
+    device : where the affinity, NCut and upsampling run (``"auto"``: CUDA when available).
     """
 
     name = "diffcut"
 
     def __init__(self, alpha: float = 10.0, tau: float = 0.5, n_thresholds: int | None = 100,
                  min_size: int = 1, layer: str | None = None, upsample: str = "dot",
-                 pamr: bool = False):
+                 pamr: bool = False, device="auto", capture_size=None):
+        resolve_device(device)
+        self.device = device
+        self.capture_size = capture_size
         if upsample not in ("dot", "nearest"):
             raise ValueError(f"upsample must be 'dot' or 'nearest', got {upsample!r}")
         if not tau > 0:
@@ -215,19 +271,23 @@ class DiffCut:
     def params(self) -> dict:
         return {"alpha": self.alpha, "tau": self.tau, "n_thresholds": self.n_thresholds,
                 "min_size": self.min_size, "layer": self.layer, "upsample": self.upsample,
-                "pamr": self.pamr}
+                "pamr": self.pamr, "device": str(self.device), "capture_size": self.capture_size}
 
-    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
+        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
+        dev = resolve_device(self.device if device is None else device)
         backbone, stand_in = _source_info(source)
-        with peak_memory() as peak:
-            clock = _Clock()
+        with peak_memory(dev) as peak:
+            clock = _Clock(dev)
             with torch.no_grad():
                 X, hw = _features_from(source, self.layer)
+                X = X.to(dev)
                 if not torch.isfinite(X).all():
                     raise GraphError("the features contain NaN or Inf")
                 with clock.step("ncut"):
                     res = diffcut_segment(X, alpha=self.alpha, tau=self.tau,
-                                          n_thresholds=self.n_thresholds, min_size=self.min_size)
+                                          n_thresholds=self.n_thresholds, min_size=self.min_size,
+                                          device=dev)
                 size = _out_size(out_size, image, hw)
                 with clock.step("upsample"):
                     if size == hw:
@@ -261,12 +321,16 @@ class KMeansGrouper:
     n_init : K-means restarts.
     upsample : ``"cosine"`` or ``"nearest"``.
     seed : K-means seed.
+    device : where aggregation and upsampling run (``"auto"``: CUDA when available; the
+        K-means itself runs on the CPU).
     """
 
     name = "kmeans"
 
     def __init__(self, k: int | None = None, k_range=range(2, 11), resolutions=None,
-                 n_init: int = 4, upsample: str = "cosine", seed: int = 0):
+                 n_init: int = 4, upsample: str = "cosine", seed: int = 0, device="auto"):
+        resolve_device(device)
+        self.device = device
         if k is not None and (int(k) != k or k < 1):
             raise ValueError(f"k must be a positive integer or None, got {k!r}")
         if upsample not in ("cosine", "nearest"):
@@ -276,15 +340,18 @@ class KMeansGrouper:
 
     def params(self) -> dict:
         return {"k": self.k, "k_range": self.k_range, "resolutions": self.resolutions,
-                "n_init": self.n_init, "upsample": self.upsample, "seed": self.seed}
+                "n_init": self.n_init, "upsample": self.upsample, "seed": self.seed,
+                "device": str(self.device)}
 
-    def fit_predict(self, source, out_size=None, image=None) -> SegmentationResult:
+    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
+        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
+        dev = resolve_device(self.device if device is None else device)
         backbone, stand_in = _source_info(source)
-        with peak_memory() as peak:
-            clock = _Clock()
+        with peak_memory(dev) as peak:
+            clock = _Clock(dev)
             with torch.no_grad():
                 with clock.step("aggregate"):
-                    P, hw = _transition_from(source, self.resolutions)
+                    P, hw = _transition_from(source, self.resolutions, device=dev)
                 with clock.step("ncut"):      # the grouping step
                     k_range = (self.k,) if self.k is not None else self.k_range
                     sel = kmeans_silhouette(P.double().cpu().numpy(), k_range=k_range,
@@ -320,38 +387,82 @@ def segment_with(method: str, source, out_size=None, image=None, **params) -> Se
     return GROUPERS[method](**params).fit_predict(source, out_size=out_size, image=image)
 
 
+def _diffcut_size(grouper, capture_kwargs):
+    size = grouper.capture_size or (capture_kwargs or {}).get("size")
+    return tuple(size) if isinstance(size, list) else size
+
+
+def split_hierarchy(result: SegmentationResult) -> NCutResult:
+    """The split tree of a recursive-NCut result (paper 1's :class:`WalkAndCut`, section 3.5,
+    or :class:`DiffCut`) as an :class:`~segbook.groupers.ncut.NCutResult` on the token grid,
+    for its ``labels_at_depth(d)`` (paper 1, Figure 5: the MAN-C hierarchy level by level).
+
+    >>> tree = split_hierarchy(result)                                   # doctest: +SKIP
+    >>> tree.labels_at_depth(1).reshape(result.token_labels.shape)       # doctest: +SKIP
+    """
+    tree = getattr(result, "tree", None)
+    if tree is None:
+        raise ValueError(f"this {getattr(result, 'method', type(result).__name__)} result has "
+                         "no split tree (only recursive-NCut groupers have one)")
+    stop = getattr(result.config, "stop", "threshold")
+    return NCutResult(labels=np.asarray(result.token_labels, np.int64).reshape(-1),
+                      tree=list(tree), stop=stop)
+
+
 def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping | None = None,
-                    out_size=None, progress: bool = True) -> list[dict[str, SegmentationResult]]:
+                    out_size=None, progress: bool = True,
+                    device=None) -> list[dict[str, SegmentationResult]]:
     """Capture each image once and run every grouper on the capture.
 
     Parameters
     ----------
     images : iterable of images.
     backbone : a loaded backbone; captured as paper 1 does (:func:`capture_attention`), with
-        features too when a :class:`DiffCut` is among the groupers.
+        features too when a :class:`DiffCut` is among the groupers (on a diffusion backbone, a
+        second pass for DiffCut's encoder layer at t = 50).
     groupers : ``{column name: grouper}``, e.g.
         ``{"ours": WalkAndCut(k=2), "DiffSeg": DiffSegGrouper(), "K-means": KMeansGrouper(k=5)}``.
     capture_kwargs : passed to the backbone's ``capture``.
     out_size : label size (None: each image's size).
     progress : tqdm bar over the images.
+    device : where every grouper runs (``"auto"``: CUDA when available; see
+        :func:`resolve_device`); None: each grouper's own ``device`` (``"auto"`` by default).
 
     Returns
     -------
     One ``{name: SegmentationResult}`` per image; each result's ``timings["capture"]`` is the
-    shared capture's time (not added to its ``total``).
+    time of the image's captures (not added to its ``total``): the shared attention capture
+    and, on a diffusion backbone with a :class:`DiffCut` among the groupers, DiffCut's own
+    feature pass (its layer at t = 50, see :class:`DiffCut`).
     """
     from tqdm.auto import tqdm
-    want_features = any(isinstance(g, DiffCut) for g in groupers.values())
+    if device is not None:
+        resolve_device(device)
+    diffcuts = [g for g in groupers.values() if isinstance(g, DiffCut)]
+    diffusion = getattr(backbone, "family", None) == "diffusion"
+    # DiffCut on Stable Diffusion reads its own pass (encoder layer, t = 50): captured apart
+    want_features = bool(diffcuts) and not diffusion
     out = []
     for image in tqdm(list(images), desc="compare", unit="image", disable=not progress):
         rgb = _image_array(image)
         t0 = time.perf_counter()
         cap = capture_attention(rgb, backbone, capture_kwargs, progress=False,
                                 with_features=want_features)
+        feature_caps = {}
+        if diffusion:
+            for g in diffcuts:
+                size = _diffcut_size(g, capture_kwargs)
+                if size not in feature_caps:
+                    feature_caps[size] = backbone.capture(
+                        rgb, **backbone.diffcut_capture_kwargs(size), progress=False)
         t_capture = time.perf_counter() - t0
         row = {}
         for name, grouper in groupers.items():
-            res = grouper.fit_predict(cap, out_size=out_size, image=rgb)
+            source = cap
+            if diffusion and isinstance(grouper, DiffCut):
+                source = feature_caps[_diffcut_size(grouper, capture_kwargs)]
+            res = (grouper.fit_predict(source, out_size=out_size, image=rgb) if device is None
+                   else grouper.fit_predict(source, out_size=out_size, image=rgb, device=device))
             res.timings["capture"] = t_capture
             res.backbone = getattr(backbone, "name", res.backbone)
             res.stand_in = bool(getattr(backbone, "stand_in", res.stand_in))
