@@ -10,7 +10,8 @@ no Stable Diffusion weights are needed.
 * ``fast``: :func:`segbook.pipelines.segment_attention` (A never formed: the NCut solver only
   multiplies by ``P^k`` and its transpose; the upsampling never forms the 262144 x N matrix of
   upsampled rows), for k = 1..5, best of ``--repeats`` runs;
-* ``plain``: the same algorithm written directly: :func:`segbook.graphs.aggregate_self_attention`,
+* ``plain``: the same algorithm written directly: the aggregation in float64 with torch's own
+  bilinear resize and expanded copies of the repeated rows (:func:`plain_aggregate`),
   ``torch.linalg.matrix_power``, ``A = P^k (P^k)^T`` formed, one dense ``eigh`` per split with 100
   thresholds (:func:`segbook.groupers.plain_recursive_ncut`), and every upsampled row formed
   (in bands of output rows, so that it fits in memory). Run at 1024 tokens (32^2 grid,
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from segbook.book.paths import results_root
 from segbook.book.results import atomic_write_text
-from segbook.graphs import aggregate_self_attention
+from segbook.graphs import diffseg_weights
 from segbook.groupers import plain_recursive_ncut
 from segbook.pipelines import (
     WalkAndCutConfig,
@@ -66,6 +67,27 @@ def synthetic(nodes: int, seed: int = 0):
     scene = planted_scene(64, n_regions=6)
     maps = planted_attention(scene, resolutions=resolutions, seed=seed)
     return maps, _downsample_labels(scene, side), side, resolutions
+
+
+def plain_aggregate(maps, resolutions=None) -> torch.Tensor:
+    """DiffSeg's aggregation written directly (float64, ``F.interpolate``, expanded rows): the
+    recipe that :func:`segbook.graphs.aggregate_self_attention` computes faster."""
+    resolutions = sorted(resolutions or maps)
+    R = max(resolutions)
+    w = diffseg_weights(resolutions)
+    out = torch.zeros(R * R, R * R, dtype=torch.float64)
+    for r in resolutions:
+        value = maps[r]
+        S = torch.stack([torch.as_tensor(v).double().reshape(-1, r * r, r * r).mean(0)
+                         for v in (value if isinstance(value, (list, tuple)) else [value])]).mean(0)
+        if r != R:
+            keys = F.interpolate(S.reshape(r * r, 1, r, r), size=(R, R), mode="bilinear",
+                                 align_corners=False).reshape(r * r, R * R)
+            keys = keys / keys.sum(1, keepdim=True)
+            f = R // r
+            S = keys.reshape(r, 1, r, 1, R * R).expand(r, f, r, f, R * R).reshape(R * R, R * R)
+        out += w[r] * S
+    return out.float()
 
 
 def plain_upsample(Pk: torch.Tensor, token_labels: np.ndarray, side: int, out_size,
@@ -103,7 +125,7 @@ def run_plain(maps, k: int, side: int) -> dict:
     c0 = time.process_time()
     with peak_memory() as peak:
         t = time.perf_counter()
-        P = aggregate_self_attention(maps)
+        P = plain_aggregate(maps)
         times["aggregate"] = time.perf_counter() - t
         t = time.perf_counter()
         Pk = torch.linalg.matrix_power(P, k)

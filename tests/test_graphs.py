@@ -352,3 +352,13 @@ def test_finite_check_fast_path_still_names_the_problem():
     F[599, 4] = np.inf
     with pytest.raises(GraphError, match="NaN"):
         FactoredAffinity(F)
+
+
+def test_large_buffers_are_ordinary_tensors():
+    from segbook.graphs.operators import _empty
+    for shape, dtype in [((3, 4), torch.float32), ((2048, 2048), torch.float32),
+                         ((1 << 21,), torch.float64)]:
+        x = _empty(shape, dtype)
+        assert tuple(x.shape) == shape and x.dtype == dtype and x.is_contiguous()
+        x.fill_(2.0)
+        assert float(x.sum()) == 2.0 * x.numel()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from segbook.errors import GraphError
+from segbook.graphs.operators import _empty
 
 __all__ = ["aggregate_self_attention", "check_row_stochastic", "diffseg_weights", "power_walk"]
 
@@ -210,7 +211,7 @@ def aggregate_self_attention(maps: Mapping, weights="diffseg", resolutions=None,
         folded.append((r, keys))
         del S
     if top is not None:
-        out = torch.empty((R * R, R * R), dtype=dtype, device=top.device)
+        out = _empty((R * R, R * R), dtype, top.device)
         if folded:        # w_R S_R plus the finest folded rows, in one pass over the output
             r, rows = folded.pop()
             f = R // r

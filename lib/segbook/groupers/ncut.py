@@ -61,10 +61,12 @@ _KRYLOV_STEPS = 6
 _N_RITZ = 6
 
 
-# NumPy/SciPy's BLAS (OpenBLAS) only sees n x 48 blocks here; its own threads fight torch's and
-# slow everything down several times on a busy machine, so it runs single-threaded. The
-# controller is built once (threadpool_limits scans the process's libraries on every entry) and
-# nested entries do nothing.
+# NumPy/SciPy's BLAS (OpenBLAS) runs the solver's thin products and n x 48 blocks; its own
+# threads fight torch's (OpenMP threads spin after each torch op) and slow everything down
+# several times on a busy machine (on the 2-core machine with another job running, a pipeline
+# run with OpenBLAS on 2 threads took up to 2.4x the wall time of one with OpenBLAS on 1). So
+# OpenBLAS runs single-threaded. The controller is built once (threadpool_limits scans the
+# process's libraries on every entry) and nested entries do nothing.
 _BLAS_LIMIT = {"controller": None, "depth": 0}
 
 
