@@ -185,7 +185,9 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--repeats", type=int, default=3)
     # One thread by default: on this 2-core machine shared with other jobs, two torch threads
-    # made the same run 2-4x slower (oversubscription); try --threads 2 on a quiet machine.
+    # made the same run 2-6x slower (oversubscription: k=1 took 3.1 s wall / 1.9 s CPU with 2
+    # threads against 0.6-0.8 s with 1 at load ~2.5); try --threads 2 on a quiet machine.
+    # NumPy's BLAS runs single-threaded inside the NCut whatever this is.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plain-timeout", type=float, default=60.0,
                         help="give up on the plain recipe at 4096 tokens after this many seconds")
