@@ -138,7 +138,7 @@ def aggregate_self_attention(maps: Mapping, weights="diffseg", resolutions=None,
     and the maps are added with weights ``w_r`` that sum to one, so the result stays
     row-stochastic: ``P = sum_r w_r up(S^(r))``.
 
-    The one implementation in segbook (the pipeline's ``aggregate_attention`` calls it): maps
+    The one implementation in segbook (the pipelines call it): maps
     are averaged in ``dtype`` one at a time, the key upsampling is two small GEMMs, the lower
     resolutions are folded into each other on their own grids (a ``16^2`` map's rows broadcast
     into the ``32^2`` map's), and the result is written in one pass over the ``R^2 x R^2``

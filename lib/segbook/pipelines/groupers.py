@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from segbook.errors import GraphError
+from segbook.graphs import aggregate_self_attention
 from segbook.groupers.diffcut import diffcut_segment
 from segbook.groupers.diffseg import DiffSeg
 from segbook.groupers.kmeans import kmeans_silhouette
@@ -42,7 +43,6 @@ from segbook.pipelines.walk_and_cut import (
     _pamr_refine,
     _renumber,
     _size2,
-    aggregate_attention,
     capture_attention,
     peak_memory,
     segment_attention,
@@ -83,7 +83,7 @@ def _transition_from(source, resolutions=None, grid=None, device=None):
     if isinstance(source, Capture):
         source = source.attention_by_resolution()
     if isinstance(source, Mapping):
-        P = aggregate_attention(source, resolutions=resolutions, device=device)
+        P = aggregate_self_attention(source, resolutions=resolutions, device=device)
         return _as_transition(P, grid, validate=False)
     if resolutions is not None:
         raise ValueError("resolutions select maps to aggregate; a ready P has none")

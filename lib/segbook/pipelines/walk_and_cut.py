@@ -41,7 +41,7 @@ from segbook.groupers.ncut import STOP_RULES, random_walk_ncut, recursive_ncut
 from segbook.pipelines.upsample import cosine_upsample, nearest_upsample
 
 __all__ = ["SegmentationResult", "WalkAffinity", "WalkAndCutConfig", "WalkAndCutResult",
-           "aggregate_attention", "capture_attention", "peak_memory", "run_batch",
+           "capture_attention", "peak_memory", "run_batch",
            "segment_attention", "walk_and_cut"]
 
 METHODS = ("adjacency", "random_walk")
@@ -280,32 +280,6 @@ def _as_map(x) -> torch.Tensor:
     return t
 
 
-def aggregate_attention(maps: Mapping, resolutions=None, weights="diffseg",
-                        output_resolution: int | None = None, device=None) -> torch.Tensor:
-    """DiffSeg's multi-resolution aggregation (paper 1, section 3.1): an alias of
-    :func:`segbook.graphs.aggregate_self_attention` with the pipeline's argument order.
-
-    Kept for code written against the pipeline; new code can call
-    ``segbook.graphs.aggregate_self_attention`` directly (one implementation: float32, keys
-    upsampled by two small GEMMs and renormalised, queries repeated through broadcast views,
-    weights proportional to resolution).
-
-    Parameters
-    ----------
-    maps : ``{resolution: tensor or list of tensors}`` (``Capture.attention_by_resolution()``);
-        each tensor ``(..., r^2, r^2)`` with rows summing to 1 (leading axes averaged).
-    resolutions : subset to use (None: all).
-    weights : ``"diffseg"``, ``"uniform"`` or a mapping ``resolution -> weight``.
-    output_resolution : ``R`` (default: the largest used); a multiple of every ``r``.
-    device : where to aggregate (default: where the maps are).
-
-    Returns
-    -------
-    torch.Tensor ``(R^2, R^2)`` float32, row-stochastic.
-    """
-    return aggregate_self_attention(maps, weights=weights, resolutions=resolutions,
-                                    output_resolution=output_resolution, dtype=torch.float32,
-                                    device=device)
 
 
 # -- the graph ------------------------------------------------------------------------------
