@@ -67,3 +67,25 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path):
         pass
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_git_state_ignores_the_books_own_results(tmp_path):
+    import subprocess
+
+    from segbook.book.results import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.csv").write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_state(tmp_path)
+    assert len(clean["sha"]) == 40 and clean["dirty"] is False
+    (tmp_path / "results" / "t.csv").write_text("b\n")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True

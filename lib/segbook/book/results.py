@@ -69,12 +69,16 @@ def sha256_file(path: Path) -> str:
 
 
 def git_state(root: Path | None = None) -> dict[str, Any]:
-    """``{"sha": ..., "dirty": bool}``; ``sha`` is None outside a git checkout."""
+    """``{"sha": ..., "dirty": bool}``; ``sha`` is None outside a git checkout.
+
+    ``dirty`` means a tracked file differs from the commit, outside ``results/``: the book's
+    own outputs are rewritten by the run that records this, so they do not count."""
     root = root or repo_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", ":(exclude)results"],
                                 cwd=root, capture_output=True, text=True, check=True).stdout
         return {"sha": sha, "dirty": bool(status.strip())}
     except (OSError, subprocess.CalledProcessError):
