@@ -122,7 +122,31 @@ class WalkAndCut:
                                  device=dev)
 
 
-class DiffSegGrouper:
+class _TimedGrouper:
+    """What DiffSeg, DiffCut and K-means share: device choice, the step clock, peak memory,
+    renumbered labels and the result record. A subclass implements :meth:`_segment`, which
+    returns ``(labels at out_size, token labels, split tree or None)`` and times its steps
+    with ``clock.step(...)``."""
+
+    name = "grouper"
+
+    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
+        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
+        dev = resolve_device(self.device if device is None else device)
+        backbone, stand_in = _source_info(source)
+        with peak_memory(dev) as peak:
+            clock = _Clock(dev)
+            with torch.no_grad():
+                labels, token_labels, tree = self._segment(source, out_size, image, dev, clock)
+                labels = _renumber(labels)
+            timings = clock.finish()
+        return SegmentationResult(labels=labels, token_labels=token_labels,
+                                  n_segments=int(labels.max()) + 1, tree=tree, timings=timings,
+                                  peak_memory_bytes=peak["bytes"], backbone=backbone,
+                                  stand_in=stand_in, config=self.params(), method=self.name)
+
+
+class DiffSegGrouper(_TimedGrouper):
     """DiffSeg (Tian et al., CVPR 2024) on the aggregated attention, as paper 1 runs it (sec. 4.5).
 
     Parameters
@@ -153,29 +177,18 @@ class DiffSegGrouper:
                 "refine": m.refine, "resolutions": self.resolutions, "pamr": self.pamr,
                 "device": str(self.device)}
 
-    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
-        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
-        dev = resolve_device(self.device if device is None else device)
-        backbone, stand_in = _source_info(source)
-        with peak_memory(dev) as peak:
-            clock = _Clock(dev)
-            with torch.no_grad():
-                with clock.step("aggregate"):
-                    P, hw = _transition_from(source, self.resolutions, device=dev)
-                with clock.step("ncut"):          # the grouping step (merging, for DiffSeg)
-                    self.model.fit(P, spatial_shape=hw)
-                size = _out_size(out_size, image, hw)
-                with clock.step("upsample"):
-                    labels = self.model.predict(None if size == hw else size)
-                if self.pamr:
-                    with clock.step("pamr"):
-                        labels = _pamr_refine(image, labels)
-                labels = _renumber(labels)
-            timings = clock.finish()
-        return SegmentationResult(labels=labels, token_labels=self.model.labels_.astype(np.int64),
-                                  n_segments=int(labels.max()) + 1, timings=timings,
-                                  peak_memory_bytes=peak["bytes"], backbone=backbone,
-                                  stand_in=stand_in, config=self.params(), method=self.name)
+    def _segment(self, source, out_size, image, dev, clock):
+        with clock.step("aggregate"):
+            P, hw = _transition_from(source, self.resolutions, device=dev)
+        with clock.step("ncut"):          # the grouping step (merging, for DiffSeg)
+            self.model.fit(P, spatial_shape=hw)
+        size = _out_size(out_size, image, hw)
+        with clock.step("upsample"):
+            labels = self.model.predict(None if size == hw else size)
+        if self.pamr:
+            with clock.step("pamr"):
+                labels = _pamr_refine(image, labels)
+        return labels, self.model.labels_.astype(np.int64), None
 
 
 def _features_from(source, layer):
@@ -221,7 +234,7 @@ def _features_from(source, layer):
     return X.reshape(C, h * w).T.float(), (h, w)
 
 
-class DiffCut:
+class DiffCut(_TimedGrouper):
     """DiffCut (Couairon et al., NeurIPS 2024) as a grouper.
 
     Affinity ``((cos - min) / (max - min)) ** alpha`` of the token features, recursive NCut
@@ -273,43 +286,31 @@ class DiffCut:
                 "min_size": self.min_size, "layer": self.layer, "upsample": self.upsample,
                 "pamr": self.pamr, "device": str(self.device), "capture_size": self.capture_size}
 
-    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
-        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
-        dev = resolve_device(self.device if device is None else device)
-        backbone, stand_in = _source_info(source)
-        with peak_memory(dev) as peak:
-            clock = _Clock(dev)
-            with torch.no_grad():
-                X, hw = _features_from(source, self.layer)
-                X = X.to(dev)
-                if not torch.isfinite(X).all():
-                    raise GraphError("the features contain NaN or Inf")
-                with clock.step("ncut"):
-                    res = diffcut_segment(X, alpha=self.alpha, tau=self.tau,
-                                          n_thresholds=self.n_thresholds, min_size=self.min_size,
-                                          device=dev)
-                size = _out_size(out_size, image, hw)
-                with clock.step("upsample"):
-                    if size == hw:
-                        labels = torch.from_numpy(res.labels.reshape(hw))
-                    elif self.upsample == "dot":
-                        labels = dot_upsample(X, res.labels, hw, size)
-                    else:
-                        labels = nearest_upsample(res.labels, hw, size)
-                    labels = labels.cpu().numpy()
-                if self.pamr:
-                    with clock.step("pamr"):
-                        labels = _pamr_refine(image, labels)
-                labels = _renumber(labels)
-            timings = clock.finish()
-        return SegmentationResult(labels=labels, token_labels=res.labels.reshape(hw),
-                                  n_segments=int(labels.max()) + 1, tree=res.tree,
-                                  timings=timings, peak_memory_bytes=peak["bytes"],
-                                  backbone=backbone, stand_in=stand_in, config=self.params(),
-                                  method=self.name)
+    def _segment(self, source, out_size, image, dev, clock):
+        X, hw = _features_from(source, self.layer)
+        X = X.to(dev)
+        if not torch.isfinite(X).all():
+            raise GraphError("the features contain NaN or Inf")
+        with clock.step("ncut"):
+            res = diffcut_segment(X, alpha=self.alpha, tau=self.tau,
+                                  n_thresholds=self.n_thresholds, min_size=self.min_size,
+                                  device=dev)
+        size = _out_size(out_size, image, hw)
+        with clock.step("upsample"):
+            if size == hw:
+                labels = torch.from_numpy(res.labels.reshape(hw))
+            elif self.upsample == "dot":
+                labels = dot_upsample(X, res.labels, hw, size)
+            else:
+                labels = nearest_upsample(res.labels, hw, size)
+            labels = labels.cpu().numpy()
+        if self.pamr:
+            with clock.step("pamr"):
+                labels = _pamr_refine(image, labels)
+        return labels, res.labels.reshape(hw), res.tree
 
 
-class KMeansGrouper:
+class KMeansGrouper(_TimedGrouper):
     """K-means on the rows of the aggregated attention ``P`` (each token's attention
     distribution), upsampled like paper 1 (section 3.6): a simple clustering baseline.
 
@@ -343,34 +344,23 @@ class KMeansGrouper:
                 "n_init": self.n_init, "upsample": self.upsample, "seed": self.seed,
                 "device": str(self.device)}
 
-    def fit_predict(self, source, out_size=None, image=None, device=None) -> SegmentationResult:
-        """Segment ``source``; ``device`` (default: the grouper's) overrides where it runs."""
-        dev = resolve_device(self.device if device is None else device)
-        backbone, stand_in = _source_info(source)
-        with peak_memory(dev) as peak:
-            clock = _Clock(dev)
-            with torch.no_grad():
-                with clock.step("aggregate"):
-                    P, hw = _transition_from(source, self.resolutions, device=dev)
-                with clock.step("ncut"):      # the grouping step
-                    k_range = (self.k,) if self.k is not None else self.k_range
-                    sel = kmeans_silhouette(P.double().cpu().numpy(), k_range=k_range,
-                                            seed=self.seed, n_init=self.n_init)
-                    token_labels = _renumber(sel.labels)
-                size = _out_size(out_size, image, hw)
-                with clock.step("upsample"):
-                    if size == hw:
-                        labels = token_labels.reshape(hw)
-                    elif self.upsample == "cosine":
-                        labels = cosine_upsample(P, token_labels, hw, size).cpu().numpy()
-                    else:
-                        labels = nearest_upsample(token_labels, hw, size).cpu().numpy()
-                labels = _renumber(labels)
-            timings = clock.finish()
-        return SegmentationResult(labels=labels, token_labels=token_labels.reshape(hw),
-                                  n_segments=int(labels.max()) + 1, timings=timings,
-                                  peak_memory_bytes=peak["bytes"], backbone=backbone,
-                                  stand_in=stand_in, config=self.params(), method=self.name)
+    def _segment(self, source, out_size, image, dev, clock):
+        with clock.step("aggregate"):
+            P, hw = _transition_from(source, self.resolutions, device=dev)
+        with clock.step("ncut"):      # the grouping step
+            k_range = (self.k,) if self.k is not None else self.k_range
+            sel = kmeans_silhouette(P.double().cpu().numpy(), k_range=k_range,
+                                    seed=self.seed, n_init=self.n_init)
+            token_labels = _renumber(sel.labels)
+        size = _out_size(out_size, image, hw)
+        with clock.step("upsample"):
+            if size == hw:
+                labels = token_labels.reshape(hw)
+            elif self.upsample == "cosine":
+                labels = cosine_upsample(P, token_labels, hw, size).cpu().numpy()
+            else:
+                labels = nearest_upsample(token_labels, hw, size).cpu().numpy()
+        return labels, token_labels.reshape(hw), None
 
 
 GROUPERS = {"walk_and_cut": WalkAndCut, "diffseg": DiffSegGrouper, "diffcut": DiffCut,
