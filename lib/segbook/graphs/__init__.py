@@ -27,6 +27,7 @@ from segbook.graphs.attention import (
     diffseg_weights,
     grid_side,
     power_walk,
+    token_grid,
 )
 from segbook.graphs.operators import (
     Affinity,
@@ -50,6 +51,7 @@ __all__ = [
     "diffseg_weights",
     "feature_cosine_affinity",
     "grid_side",
+    "token_grid",
     "pixel_affinity",
     "planted_partition",
     "planted_random_walk",

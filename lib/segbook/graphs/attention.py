@@ -254,6 +254,21 @@ def power_walk(P, k: int, validate: bool = True) -> torch.Tensor:
     return torch.linalg.matrix_power(P, int(k))
 
 
+def token_grid(n: int, grid=None, what: str = "the attention") -> tuple[int, int]:
+    """``(h, w)`` of the token grid of ``n`` tokens: ``grid`` checked against ``n``, or the
+    square grid when ``grid`` is None. Raises :class:`GraphError` naming the mismatch."""
+    n = int(n)
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise GraphError(f"N = {n} tokens are not a perfect square grid; pass the grid (h, w)")
+        return side, side
+    h, w = (int(s) for s in grid)
+    if h * w != n:
+        raise GraphError(f"grid {h} x {w} has {h * w} positions, {what} has {n}")
+    return h, w
+
+
 def grid_side(n: int) -> int:
     """The side of a square token grid of ``n`` tokens (raises if ``n`` is not a square)."""
     side = math.isqrt(int(n))

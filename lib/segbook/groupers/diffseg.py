@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from segbook.errors import GraphError
+from segbook.graphs.attention import token_grid
 
 __all__ = ["DiffSeg", "anchor_grid", "merge_attention", "proposals_to_labels", "symmetric_kl"]
 
@@ -208,14 +209,7 @@ def _as_attention(attn, spatial_shape, atol: float) -> tuple[torch.Tensor, tuple
         raise GraphError("DiffSeg needs a square N x N self-attention matrix (or h x w x h x w), "
                          f"got shape {tuple(attn.shape)}")
     n = attn.shape[0]
-    if spatial_shape is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise GraphError(f"N = {n} is not a perfect square; pass spatial_shape=(h, w)")
-        spatial_shape = (side, side)
-    h, w = (int(s) for s in spatial_shape)
-    if h * w != n:
-        raise GraphError(f"spatial_shape {(h, w)} has {h * w} positions, the attention has {n}")
+    h, w = token_grid(n, spatial_shape)
     if not attn.is_floating_point():
         raise GraphError(f"attention must be floating point, got {attn.dtype}")
     P = attn.to(torch.float32) if attn.dtype != torch.float64 else attn

@@ -35,7 +35,12 @@ import numpy as np
 import torch
 
 from segbook.errors import GraphError
-from segbook.graphs.attention import aggregate_self_attention, check_row_stochastic, power_walk
+from segbook.graphs.attention import (
+    aggregate_self_attention,
+    check_row_stochastic,
+    power_walk,
+    token_grid,
+)
 from segbook.graphs.operators import FactoredAffinity
 from segbook.groupers.ncut import STOP_RULES, random_walk_ncut, recursive_ncut
 from segbook.pipelines.upsample import cosine_upsample, nearest_upsample
@@ -312,16 +317,7 @@ def _as_transition(P, grid, validate: bool = True) -> tuple[torch.Tensor, tuple[
         P = P.float()
     if validate:
         _check_stochastic(P)
-    n = P.shape[0]
-    if grid is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise GraphError(f"N = {n} tokens are not a square grid; pass grid=(h, w)")
-        grid = (side, side)
-    h, w = (int(s) for s in grid)
-    if h * w != n:
-        raise GraphError(f"grid {h} x {w} has {h * w} tokens, P has {n}")
-    return P, (h, w)
+    return P, token_grid(P.shape[0], grid, what="P")
 
 
 def _image_array(image) -> np.ndarray:
