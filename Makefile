@@ -9,7 +9,7 @@ PROFILE ?= cpu
 CHAPTERS ?=
 NBVAL_FLAGS = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test unit nbval golden lab bench venv clean-results
+.PHONY: book test unit nbval nbval-other-kernels check-results golden lab bench venv clean-results rehearse
 
 venv: $(STAMP)
 
@@ -29,10 +29,22 @@ $(STAMP): pyproject.toml
 book: $(STAMP)
 	$(PY) -m segbook.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS),)
 
-## make test: unit tests, then the nbval checks of the smoke-profile goldens
+## make test: committed results match their code, unit tests, then the nbval checks of the
+## smoke-profile goldens
 test: $(STAMP)
+	$(PY) -m segbook.book check --profile cpu
 	$(PY) -m pytest tests -q --ignore=tests/golden
 	$(PY) -m pytest -q $(NBVAL_FLAGS) tests/golden
+
+## make nbval-other-kernels: the goldens again with other CPU kernels and another rounding
+## (ATen's default kernels, MKL's conditional-numerical-reproducibility mode): a check that
+## moves with float rounding fails here on every machine, not only on the next person's
+nbval-other-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE $(PY) -m pytest -q $(NBVAL_FLAGS) tests/golden
+
+## make check-results: are results/cpu/ what the committed code produces?
+check-results: $(STAMP)
+	$(PY) -m segbook.book check --profile cpu
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/golden
@@ -51,6 +63,11 @@ lab: $(STAMP)
 	mkdir -p $(VENV)/share/jupyter/lab/settings
 	cp book/lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	cd book && ../$(PY) -m jupyter lab
+
+## make rehearse: the full profile on random weights of the real architectures and fake
+## datasets, one image each (CHAPTERS="02" for one chapter; numbers meaningless)
+rehearse: $(STAMP)
+	$(PY) -m segbook.book rehearse --limit 1 $(if $(CHAPTERS),--chapters $(CHAPTERS),)
 
 ## make bench: the benchmarks that write results/cpu/bench/*.csv
 bench: $(STAMP)

@@ -89,3 +89,33 @@ def test_git_state_ignores_the_books_own_results(tmp_path):
     assert git_state(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path)["dirty"] is True
+
+
+def test_a_chapters_provenance_records_the_digest_of_its_inputs(tmp_path):
+    from segbook.book.freshness import inputs_digest
+
+    res = Results("01_spectral_clustering", "cpu", directory=tmp_path)
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["inputs"] == inputs_digest("01_spectral_clustering", "cpu")
+    assert "book/01_spectral_clustering.md" in prov["inputs"]["files"]
+    assert "lib/segbook/book/results.py" in prov["inputs"]["files"]
+    assert prov["rehearsal"] is None
+    assert res.inputs["sha256"] == prov["inputs"]["sha256"]
+
+
+def test_a_rehearsal_labels_every_table_figure_and_provenance(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGBOOK_REHEARSAL", "1")
+    res = Results("c", "full", directory=tmp_path)
+    df = pd.DataFrame({"method": ["a"], "miou": [0.5]})
+    csv = res.table("scores", df, caption="Scores.")
+    back = pd.read_csv(csv)
+    assert list(back.columns) == ["REHEARSAL", "method", "miou"]
+    assert (back["REHEARSAL"] == "meaningless").all()
+    md = (tmp_path / "tables" / "scores.md").read_text()
+    assert md.startswith("**REHEARSAL") and "meaningless" in md.splitlines()[0]
+    plain = Results("c", "full", directory=tmp_path / "plain")
+    monkeypatch.delenv("SEGBOOK_REHEARSAL")
+    unlabelled = Results("c", "full", directory=tmp_path / "real")
+    assert unlabelled.figure("f", _figure()).read_bytes() != plain.figure("f", _figure()).read_bytes()
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert "meaningless" in prov["rehearsal"]

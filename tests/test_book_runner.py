@@ -110,3 +110,62 @@ def test_unknown_names_get_a_one_line_error(book, args, expected):
     proc = _run(book, *args)
     assert proc.returncode == 2
     assert proc.stderr.strip() == expected
+
+
+OVERRIDE_PARAMS = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    :tags: [parameters]
+
+    profile = "cpu"
+    overrides = {}
+    ```
+    """)
+
+OVERRIDE_BODY = textwrap.dedent("""\
+    ```{code-cell} ipython3
+    import pandas as pd
+    from segbook.book import Results, load_profile
+    cfg = load_profile(profile, chapter="02_over", overrides=overrides)
+    res = Results("02_over", profile, params=cfg)
+    res.table("answer", pd.DataFrame({"x": [cfg["answer"]], "limit": [cfg["image_limit"]]}))
+    ```
+    """)
+
+
+@pytest.fixture
+def override_book(book):
+    (book / "book" / "profiles" / "smoke.yaml").write_text(
+        "seed: 0\ndevice: cpu\ndescription: t\nanswer: 41\nimage_limit: null\n")
+    (book / "book" / "01_bad.md").unlink()
+    (book / "book" / "02_over.md").write_text(
+        HEADER + "\n# Over\n\n" + OVERRIDE_PARAMS + "\n" + OVERRIDE_BODY)
+    return book
+
+
+def test_overrides_reach_the_chapter_and_its_provenance(override_book):
+    proc = _run(override_book, "--profile", "smoke", "--chapters", "02",
+                "--set", "answer=7", "--limit", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "overrides: answer=7, image_limit=3" in proc.stdout
+    done = override_book / "results" / "smoke" / "02_over"
+    assert (done / "tables" / "answer.csv").read_text().split() == ["x,limit", "7,3"]
+    prov = json.loads((done / "provenance.json").read_text())
+    assert prov["parameters"]["overrides"] == {"answer": 7, "image_limit": 3}
+
+
+def test_an_override_no_chapter_has_is_a_one_line_error(override_book):
+    proc = _run(override_book, "--profile", "smoke", "--chapters", "02", "--set", "answr=7")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown profile key 'answr'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_book_writes_under_out_root(override_book, tmp_path, monkeypatch):
+    from segbook.book.runner import run_book
+
+    monkeypatch.setenv("SEGBOOK_ROOT", str(override_book))
+    out = tmp_path / "elsewhere"
+    code = run_book("smoke", ["02"], progress=False, out_root=out, overrides={"answer": 5})
+    assert code == 0
+    assert (out / "02_over" / "tables" / "answer.csv").read_text().split()[1] == "5,"
+    assert not (override_book / "results" / "smoke" / "02_over").exists()

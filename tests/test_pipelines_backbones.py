@@ -72,3 +72,31 @@ def test_effnet_stand_in_batch(image):
         assert res.stand_in is True and res.backbone == "effnet-lite0"
         assert res.labels.shape == image.shape[:2] and res.n_segments >= 1
         assert res.timings["capture"] > 0 and res.timings["ncut"] > 0
+
+
+def test_compare_methods_peak_memory_includes_the_capture(tiny_sd, image):
+    """The cost table's peak is "model and data included": a capture that peaks high must show
+    in every grouper's figure, though each grouper's own block starts after it."""
+    from segbook.pipelines.walk_and_cut import _read_status, _reset_rss_peak
+
+    if not _reset_rss_peak():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+
+    class HungryCapture:
+        """tiny-sd whose capture touches a 256 MiB temporary."""
+
+        def __getattr__(self, name):
+            return getattr(tiny_sd, name)
+
+        def capture(self, *args, **kwargs):
+            scratch = torch.ones(64 * 2 ** 20)      # 256 MiB of float32, touched
+            del scratch
+            return tiny_sd.capture(*args, **kwargs)
+
+    groupers = {"ours": WalkAndCut(), "DiffSeg": DiffSegGrouper(grid=4)}
+    compare_methods([image], tiny_sd, groupers, capture_kwargs=TINY, progress=False)  # warm up
+    before = _read_status("VmRSS")
+    rows = compare_methods([image], HungryCapture(), groupers, capture_kwargs=TINY,
+                           progress=False, device="cpu")
+    for res in rows[0].values():
+        assert res.peak_memory_bytes > before + 200 * 2 ** 20

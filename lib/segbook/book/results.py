@@ -5,8 +5,11 @@
     tables/<name>.csv   the numbers, machine-readable
     tables/<name>.md    the same table for a reader (GitHub renders it)
     figures/<name>.png  deterministic PNG: no timestamp or software tag in its metadata
-    provenance.json     git SHA and dirty flag, parameters, seeds, package versions,
-                        device, data-manifest hashes and the sha256 of every output
+    provenance.json     git SHA and dirty flag, the digest of the inputs that determine
+                        the outputs (library, chapter, profile, manifests; see
+                        ``segbook.book.freshness``), parameters with any overrides, seeds,
+                        package versions, device, data-manifest hashes and the sha256 of
+                        every output
 
 Every file is written to a temporary name in the same directory and renamed into place, so
 a reader never sees half a file. When the book runner executes a chapter it points
@@ -30,6 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from segbook.book.paths import RESULTS_DIR_ENV, manifests_dir, repo_root, results_root
+
+#: Set by ``python -m segbook.book rehearse``: random weights and fake data, so every table,
+#: figure and provenance file is labelled as meaningless.
+REHEARSAL_ENV = "SEGBOOK_REHEARSAL"
+REHEARSAL_NOTE = ("REHEARSAL: random weights of the real architectures on fake data; "
+                  "these numbers are meaningless")
+
+
+def rehearsal_active() -> bool:
+    return os.environ.get(REHEARSAL_ENV, "") not in ("", "0")
 
 TRACKED_PACKAGES = (
     "segbook", "torch", "torchvision", "timm", "diffusers", "transformers", "numpy", "scipy",
@@ -191,12 +204,25 @@ class Results:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outputs: dict[str, str] = {}
         self.extra: dict[str, Any] = {}
+        self.rehearsal = rehearsal_active()
+        self.inputs = self._inputs_digest()
         self._write_provenance()
+
+    def _inputs_digest(self) -> dict[str, Any] | None:
+        from segbook.book.freshness import inputs_digest
+
+        if not (repo_root() / "book" / f"{self.chapter}.md").is_file():
+            return None     # not a chapter of this book (e.g. a test's own writer)
+        return inputs_digest(self.chapter, self.profile)
 
     # -- writers -----------------------------------------------------------------------
     def table(self, name: str, df, caption: str | None = None, floatfmt: str = ".4g") -> Path:
         """Write ``df`` as ``tables/<name>.csv`` and ``tables/<name>.md``; returns the CSV path."""
         csv_path = self.dir / "tables" / f"{name}.csv"
+        if self.rehearsal:
+            df = df.copy()
+            df.insert(0, "REHEARSAL", "meaningless")
+            caption = f"**{REHEARSAL_NOTE}.** {caption or ''}"
         atomic_write_text(csv_path, df.to_csv(index=not _has_range_index(df)))
         md_path = self.dir / "tables" / f"{name}.md"
         atomic_write_text(md_path, dataframe_markdown(df, caption, floatfmt))
@@ -206,6 +232,9 @@ class Results:
     def figure(self, name: str, fig, dpi: int = 100, close: bool = False) -> Path:
         """Write a matplotlib figure as ``figures/<name>.png`` (deterministic bytes)."""
         path = self.dir / "figures" / f"{name}.png"
+        if self.rehearsal:
+            fig.text(0.5, 0.5, "REHEARSAL\nmeaningless", ha="center", va="center",
+                     fontsize=28, color="red", alpha=0.35, rotation=20)
         atomic_write_bytes(path, figure_png_bytes(fig, dpi=dpi))
         if close:
             import matplotlib.pyplot as plt
@@ -237,6 +266,8 @@ class Results:
             "chapter": self.chapter,
             "profile": self.profile,
             "git": git_state(),
+            "inputs": self.inputs,
+            "rehearsal": REHEARSAL_NOTE if self.rehearsal else None,
             "parameters": _jsonable(self.params),
             "seeds": _jsonable(self.seeds),
             "device": device_info(self.device),

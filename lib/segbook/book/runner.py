@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segbook.book.paths import RESULTS_DIR_ENV, book_dir, chapter_paths, results_root
-from segbook.book.profiles import available_profiles
+from segbook.book.profiles import available_profiles, load_profile, override_applies
 
 
 class ChapterFailed(RuntimeError):
@@ -99,14 +99,40 @@ def _failed_cell(nb) -> str | None:
     return None
 
 
+def chapter_overrides(chapter: str, profile: str, overrides: dict | None) -> dict:
+    """The part of ``overrides`` whose keys exist in ``chapter``'s merged profile (a key
+    such as ``photo_size`` belongs to one chapter; ``image_limit`` to all)."""
+    if not overrides:
+        return {}
+    cfg = load_profile(profile, chapter=chapter)
+    return {k: v for k, v in overrides.items() if override_applies(cfg, k)}
+
+
+def check_overrides(profile: str, chapters: list[str], overrides: dict | None) -> None:
+    """Raise ``ValueError`` for an override key that exists in none of ``chapters``."""
+    for key in overrides or {}:
+        if not any(key in chapter_overrides(c, profile, {key: None}) for c in chapters):
+            cfg = load_profile(profile, chapter=chapters[0]) if chapters else {}
+            valid = ", ".join(sorted(k for k in cfg if k != "overrides"))
+            raise ValueError(f"unknown profile key '{key}' (no chosen chapter has it); "
+                             f"keys of {chapters[0] if chapters else 'the profile'}: {valid}")
+
+
 def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
-                progress: bool = True, timeout: int | None = None) -> ChapterRun:
-    """Execute one chapter; returns what it wrote or raises :class:`ChapterFailed`."""
+                progress: bool = True, timeout: int | None = None,
+                overrides: dict | None = None, out_root: Path | None = None) -> ChapterRun:
+    """Execute one chapter; returns what it wrote or raises :class:`ChapterFailed`.
+
+    ``parameters`` are extra papermill parameters (e.g. ``{"device": "cpu"}``);
+    ``overrides`` dotted profile keys (``{"image_limit": 2}``), passed to the chapter as its
+    ``overrides`` parameter (keys the chapter's profile lacks are left out) and recorded in
+    its provenance; ``out_root`` replaces ``results/<profile>/`` as the parent of the
+    chapter's result directory (the rehearsal writes elsewhere)."""
     import nbformat
     import papermill as pm
 
     source = chapter_paths()[chapter]
-    out_root = results_root() / profile
+    out_root = Path(out_root) if out_root is not None else results_root() / profile
     final = out_root / chapter
     staging = out_root / f".staging-{chapter}"
     failed = out_root / f"{chapter}.failed"
@@ -117,6 +143,9 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
     output_nb = staging / f"{chapter}.ipynb"
 
     params = {"profile": profile, **(parameters or {})}
+    picked = chapter_overrides(chapter, profile, overrides)
+    if picked:
+        params["overrides"] = picked
     env_before = os.environ.get(RESULTS_DIR_ENV)
     os.environ[RESULTS_DIR_ENV] = str(staging)
     start = time.perf_counter()
@@ -156,19 +185,25 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
 
 
 def run_book(profile: str, chapters: list[str] | None = None, keep_going: bool = False,
-             progress: bool = True, timeout: int | None = None, stream=sys.stdout) -> int:
-    """Run chapters in order; print a summary; return a process exit code."""
+             progress: bool = True, timeout: int | None = None, stream=sys.stdout,
+             overrides: dict | None = None, out_root: Path | None = None,
+             parameters: dict | None = None) -> int:
+    """Run chapters in order; print a summary; return a process exit code.
+
+    ``overrides``, ``out_root`` and ``parameters``: see :func:`run_chapter`."""
     from tqdm.auto import tqdm
 
     check_profile(profile)
     stems = resolve_chapters(chapters)
+    check_overrides(profile, stems, overrides)
     runs: list[ChapterRun] = []
     failures: list[ChapterFailed] = []
     bar = tqdm(stems, desc=f"book [{profile}]", unit="chapter", disable=not progress, file=sys.stderr)
     for stem in bar:
         bar.set_postfix_str(stem)
         try:
-            runs.append(run_chapter(stem, profile, progress=progress, timeout=timeout))
+            runs.append(run_chapter(stem, profile, parameters=parameters, progress=progress,
+                                    timeout=timeout, overrides=overrides, out_root=out_root))
         except ChapterFailed as exc:
             failures.append(exc)
             if not keep_going:
@@ -176,6 +211,8 @@ def run_book(profile: str, chapters: list[str] | None = None, keep_going: bool =
     bar.close()
 
     print(f"\nsegbook book run, profile '{profile}':", file=stream)
+    if overrides:
+        print("  overrides: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()), file=stream)
     for run in runs:
         tables = [f for f in run.files if f.startswith("tables/") and f.endswith(".csv")]
         figures = [f for f in run.files if f.startswith("figures/")]

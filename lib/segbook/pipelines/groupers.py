@@ -423,7 +423,10 @@ def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping
     One ``{name: SegmentationResult}`` per image; each result's ``timings["capture"]`` is the
     time of the image's captures (not added to its ``total``): the shared attention capture
     and, on a diffusion backbone with a :class:`DiffCut` among the groupers, DiffCut's own
-    feature pass (its layer at t = 50, see :class:`DiffCut`).
+    feature pass (its layer at t = 50, see :class:`DiffCut`). Each result's
+    ``peak_memory_bytes`` is the peak from the start of the image's capture to the end of
+    that grouper (:func:`peak_memory` nests: the capture and the model are included; on a
+    CPU the process's resident set, on CUDA ``max_memory_allocated``).
     """
     from tqdm.auto import tqdm
     if device is not None:
@@ -433,29 +436,40 @@ def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping
     # DiffCut on Stable Diffusion reads its own pass (encoder layer, t = 50): captured apart
     want_features = bool(diffcuts) and not diffusion
     out = []
+    peak_device = resolve_device(device) if device is not None else getattr(backbone, "device", None)
     for image in tqdm(list(images), desc="compare", unit="image", disable=not progress):
-        rgb = _image_array(image)
-        t0 = time.perf_counter()
-        cap = capture_attention(rgb, backbone, capture_kwargs, progress=False,
-                                with_features=want_features)
-        feature_caps = {}
-        if diffusion:
-            for g in diffcuts:
-                size = _diffcut_size(g, capture_kwargs)
-                if size not in feature_caps:
-                    feature_caps[size] = backbone.capture(
-                        rgb, **backbone.diffcut_capture_kwargs(size), progress=False)
-        t_capture = time.perf_counter() - t0
-        row = {}
-        for name, grouper in groupers.items():
-            source = cap
-            if diffusion and isinstance(grouper, DiffCut):
-                source = feature_caps[_diffcut_size(grouper, capture_kwargs)]
-            res = (grouper.fit_predict(source, out_size=out_size, image=rgb) if device is None
-                   else grouper.fit_predict(source, out_size=out_size, image=rgb, device=device))
-            res.timings["capture"] = t_capture
-            res.backbone = getattr(backbone, "name", res.backbone)
-            res.stand_in = bool(getattr(backbone, "stand_in", res.stand_in))
-            row[name] = res
-        out.append(row)
+        # The outer block resets the peak before the capture; each grouper's own (nested)
+        # block then reports the peak since that reset, capture and model included.
+        with peak_memory(peak_device):
+            out.append(_compare_one(image, backbone, groupers, capture_kwargs, out_size, device,
+                                    diffcuts, diffusion, want_features))
     return out
+
+
+def _compare_one(image, backbone, groupers, capture_kwargs, out_size, device, diffcuts,
+                 diffusion, want_features) -> dict[str, SegmentationResult]:
+    """One image of :func:`compare_methods`: the captures, then every grouper."""
+    rgb = _image_array(image)
+    t0 = time.perf_counter()
+    cap = capture_attention(rgb, backbone, capture_kwargs, progress=False,
+                            with_features=want_features)
+    feature_caps = {}
+    if diffusion:
+        for g in diffcuts:
+            size = _diffcut_size(g, capture_kwargs)
+            if size not in feature_caps:
+                feature_caps[size] = backbone.capture(
+                    rgb, **backbone.diffcut_capture_kwargs(size), progress=False)
+    t_capture = time.perf_counter() - t0
+    row = {}
+    for name, grouper in groupers.items():
+        source = cap
+        if diffusion and isinstance(grouper, DiffCut):
+            source = feature_caps[_diffcut_size(grouper, capture_kwargs)]
+        res = (grouper.fit_predict(source, out_size=out_size, image=rgb) if device is None
+               else grouper.fit_predict(source, out_size=out_size, image=rgb, device=device))
+        res.timings["capture"] = t_capture
+        res.backbone = getattr(backbone, "name", res.backbone)
+        res.stand_in = bool(getattr(backbone, "stand_in", res.stand_in))
+        row[name] = res
+    return row
