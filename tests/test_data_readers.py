@@ -65,6 +65,8 @@ def test_strict_load_refuses_an_incomplete_split(tmp_path):
         load("cityscapes-27", root=tmp_path)
     msg = str(info.value)
     assert "2 images" in msg and "expects 500" in msg and "leftImg8bit_trainvaltest.zip" in msg
+    # and how to use the part that is there, in code and in the book
+    assert "strict=False" in msg and "--set strict_datasets=false" in msg and "--limit N" in msg
 
 
 def test_missing_dataset_says_what_to_fetch(tmp_path):

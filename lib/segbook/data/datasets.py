@@ -215,7 +215,11 @@ def _count_problem(m: Manifest, split: str, found: int, strict: bool, base: Path
         return
     if found < spec.count:
         raise MissingDatasetError(
-            m.name, text + f" The split is incomplete under {base}.\nManifest: {m.path}\nTo get it:\n"
+            m.name, text + f" The split is incomplete under {base}.\nTo use the images that are "
+            "there: load(..., strict=False); in the book, run with "
+            "`python -m segbook.book run --profile full --chapters NN --set strict_datasets=false` "
+            "(add `--limit N` for the first N images).\n"
+            f"Manifest: {m.path}\nTo get it:\n"
             + m.instructions(), [f"{spec.count - found} image(s) of split '{split}'"])
     raise CorruptFileError(base, text + " Remove the extra files or check the folder.")
 
