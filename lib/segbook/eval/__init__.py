@@ -16,6 +16,7 @@ from segbook.eval.matching import (
                                    hungarian_assignment,
                                    majority_assignment,
 )
+from segbook.eval.nesting import is_refinement
 from segbook.eval.protocols import PROTOCOLS, Evaluator, Scores, evaluate, matched_prediction
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
                                    "evaluate",
                                    "hungarian_assignment",
                                    "image_confusion",
+    "is_refinement",
                                    "majority_assignment",
                                    "matched_prediction",
 ]

@@ -6,6 +6,7 @@
 * :mod:`segbook.groupers.diffcut` - DiffCut's recipe and the plain reference implementation.
 * :mod:`segbook.groupers.tokencut` - TokenCut and MaskCut.
 * :mod:`segbook.groupers.kmeans` - K-means with the silhouette choice of K (paper 2).
+* :mod:`segbook.groupers.spectral` - k-way spectral clustering (eigenvectors, then K-means).
 * :mod:`segbook.groupers.diffseg` - DiffSeg: anchors, symmetric-KL merging, NMS (paper 1's baseline).
 * :mod:`segbook.groupers.pamr` - PAMR label refinement (DiffCut; paper 1, Table 5).
 """
@@ -31,10 +32,14 @@ from segbook.groupers.ncut import (
     recursive_ncut,
 )
 from segbook.groupers.pamr import pamr, pamr_affinities, refine_labels
+from segbook.groupers.spectral import SpectralClustering, spectral_clustering, spectral_embedding
 from segbook.groupers.tokencut import maskcut, tokencut, tokencut_affinity
 
 __all__ = [
     "DiffSeg",
+    "SpectralClustering",
+    "spectral_clustering",
+    "spectral_embedding",
     "KMeansSelection",
     "NCutResult",
     "SplitNode",

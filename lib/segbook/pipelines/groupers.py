@@ -158,13 +158,22 @@ class DiffSegGrouper(_TimedGrouper):
     resolutions : attention resolutions aggregated (None: all), DiffSeg's weights.
     pamr : PAMR refinement of the label map (needs the image).
     device : where aggregation, merging and upsampling run (``"auto"``: CUDA when available).
+    capture : on a diffusion backbone, what :func:`compare_methods` gives DiffSeg to read:
+        ``"own"`` (default) DiffSeg's own pass, all 16 self-attention layers of one U-Net call
+        on the clean latent at t = 300 (:data:`DIFFSEG_CAPTURE`, as DiffSeg's code); ``"shared"``
+        the capture the other groupers read (paper 1's: decoder layers after DDIM inversion),
+        i.e. DiffSeg's grouper on paper 1's attention. Other backbones have one capture.
     """
 
     name = "diffseg"
 
     def __init__(self, kl_threshold=1.1, iterations: int = 3, grid: int = 16,
-                 refine: bool = False, resolutions=None, pamr: bool = False, device="auto"):
+                 refine: bool = False, resolutions=None, pamr: bool = False, device="auto",
+                 capture: str = "own"):
         resolve_device(device)
+        if capture not in ("own", "shared"):
+            raise ValueError(f"capture must be 'own' or 'shared', got {capture!r}")
+        self.capture = capture
         self.device = device
         self.model = DiffSeg(kl_threshold=kl_threshold, iterations=iterations, grid=grid,
                              refine=refine)
@@ -175,7 +184,7 @@ class DiffSegGrouper(_TimedGrouper):
         m = self.model
         return {"kl_threshold": m.kl_threshold, "iterations": m.iterations, "grid": m.grid,
                 "refine": m.refine, "resolutions": self.resolutions, "pamr": self.pamr,
-                "device": str(self.device)}
+                "device": str(self.device), "capture": self.capture}
 
     def _segment(self, source, out_size, image, dev, clock):
         with clock.step("aggregate"):
@@ -377,6 +386,15 @@ def segment_with(method: str, source, out_size=None, image=None, **params) -> Se
     return GROUPERS[method](**params).fit_predict(source, out_size=out_size, image=image)
 
 
+#: DiffSeg's own reading of Stable Diffusion (Tian et al.; its code): every self-attention layer
+#: (16 in SD 1.4) of one U-Net pass on the clean latent at t = 300, heads averaged.
+DIFFSEG_CAPTURE = {"layers": "all", "mode": "clean", "t": 300}
+
+
+def _own_diffseg(grouper, diffusion: bool) -> bool:
+    return diffusion and isinstance(grouper, DiffSegGrouper) and grouper.capture == "own"
+
+
 def _diffcut_size(grouper, capture_kwargs):
     size = grouper.capture_size or (capture_kwargs or {}).get("size")
     return tuple(size) if isinstance(size, list) else size
@@ -408,8 +426,11 @@ def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping
     ----------
     images : iterable of images.
     backbone : a loaded backbone; captured as paper 1 does (:func:`capture_attention`), with
-        features too when a :class:`DiffCut` is among the groupers (on a diffusion backbone, a
-        second pass for DiffCut's encoder layer at t = 50).
+        features too when a :class:`DiffCut` is among the groupers. On a diffusion backbone
+        DiffCut and DiffSeg read their own passes, as their code does: DiffCut's encoder layer
+        at t = 50, DiffSeg's 16 layers on the clean latent at t = 300
+        (:data:`DIFFSEG_CAPTURE`; ``DiffSegGrouper(capture="shared")`` reads paper 1's capture
+        instead).
     groupers : ``{column name: grouper}``, e.g.
         ``{"ours": WalkAndCut(k=2), "DiffSeg": DiffSegGrouper(), "K-means": KMeansGrouper(k=5)}``.
     capture_kwargs : passed to the backbone's ``capture``.
@@ -422,8 +443,8 @@ def compare_methods(images, backbone, groupers: Mapping, capture_kwargs: Mapping
     -------
     One ``{name: SegmentationResult}`` per image; each result's ``timings["capture"]`` is the
     time of the image's captures (not added to its ``total``): the shared attention capture
-    and, on a diffusion backbone with a :class:`DiffCut` among the groupers, DiffCut's own
-    feature pass (its layer at t = 50, see :class:`DiffCut`). Each result's
+    and, on a diffusion backbone, DiffCut's and DiffSeg's own passes when they are among the
+    groupers. Each result's
     ``peak_memory_bytes`` is the peak from the start of the image's capture to the end of
     that grouper (:func:`peak_memory` nests: the capture and the model are included; on a
     CPU the process's resident set, on CUDA ``max_memory_allocated``).
@@ -460,12 +481,18 @@ def _compare_one(image, backbone, groupers, capture_kwargs, out_size, device, di
             if size not in feature_caps:
                 feature_caps[size] = backbone.capture(
                     rgb, **backbone.diffcut_capture_kwargs(size), progress=False)
+    diffseg_cap = None
+    if any(_own_diffseg(g, diffusion) for g in groupers.values()):
+        size = (capture_kwargs or {}).get("size")
+        diffseg_cap = backbone.capture(rgb, **DIFFSEG_CAPTURE, size=size, progress=False)
     t_capture = time.perf_counter() - t0
     row = {}
     for name, grouper in groupers.items():
         source = cap
         if diffusion and isinstance(grouper, DiffCut):
             source = feature_caps[_diffcut_size(grouper, capture_kwargs)]
+        elif _own_diffseg(grouper, diffusion):
+            source = diffseg_cap
         res = (grouper.fit_predict(source, out_size=out_size, image=rgb) if device is None
                else grouper.fit_predict(source, out_size=out_size, image=rgb, device=device))
         res.timings["capture"] = t_capture
