@@ -11,7 +11,12 @@ import torch
 from segbook.backbones import load_backbone
 from segbook.backbones.capture import CaptureOptions, attention_probabilities
 from segbook.backbones.diffusion import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_VOCAB_SIZE,
     SD14_HUB_ID,
+    SD_WEIGHT_FILES,
+    StableDiffusionBackbone,
     build_tiny_sd_components,
     load_stable_diffusion,
     sd14_layer_table,
@@ -214,6 +219,49 @@ def test_local_repository_loads_through_the_resolver(tmp_path, monkeypatch, sd, 
     with pytest.raises(MissingWeightsError) as info:
         load_stable_diffusion("local/tiny-sd", device="cpu", files=files)
     assert info.value.model_id == "local/tiny-sd"
+
+
+def test_default_files_do_not_need_a_tokenizer(tmp_path, monkeypatch):
+    """SD_WEIGHT_FILES (what load_backbone("sd14") checks) asks for what the loader reads:
+    a repository without tokenizer/ loads, and one without a weight file names the file."""
+    unet, vae, text_encoder, scheduler = build_tiny_sd_components(seed=0)
+    repo = tmp_path / "weights" / "local" / "tiny-sd"
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder),
+                         ("scheduler", scheduler)):
+        module.save_pretrained(repo / part)
+    monkeypatch.setenv("SEGBOOK_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert not any(f.startswith("tokenizer/") for f in SD_WEIGHT_FILES)
+    loaded = load_stable_diffusion("local/tiny-sd", device="cpu", image_size=SIZE)
+    assert loaded.tokenizer is None
+    assert loaded.empty_prompt_embedding().shape == (1, 77, 32)
+    (repo / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(MissingWeightsError) as info:
+        load_stable_diffusion("local/tiny-sd", device="cpu")
+    assert "text_encoder/model.safetensors" in str(info.value)
+    assert "tokenizer" not in str(info.value)
+
+
+def test_empty_prompt_without_tokenizer_uses_clips_ids():
+    """SD 1.4's text-encoder config says bos 0 / eos 2; CLIP's tokenizer emits 49406 and
+    49407 (padding with 49407). Without a tokenizer the loader must build CLIP's ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+        pad_token_id=1)).eval()
+    unet, vae, _, scheduler = build_tiny_sd_components(seed=0)
+    backbone = StableDiffusionBackbone("clip-vocab", unet, vae, encoder, scheduler, None,
+                                       device=torch.device("cpu"), dtype=torch.float32,
+                                       pretrained=False, fingerprint="0", image_size=SIZE)
+    ids = torch.full((1, 77), CLIP_EOS_ID)
+    ids[0, 0] = CLIP_BOS_ID
+    with torch.no_grad():
+        expected = encoder(ids)[0]
+    torch.testing.assert_close(backbone.empty_prompt_embedding(), expected)
 
 
 def test_sd14_memory_table_matches_the_formula():

@@ -50,14 +50,26 @@ from segbook.errors import MissingWeightsError
 
 SD14_HUB_ID = "CompVis/stable-diffusion-v1-4"
 
-#: The files of the hub repository that a capture needs (safetensors only; about 2.2 GB in float16 on disk, 4.3 GB in float32).
+#: The files of the hub repository that a capture needs (safetensors only; about 2.2 GB in
+#: float16 on disk, 4.3 GB in float32). The tokenizer is not among them: a capture only
+#: ever encodes the empty prompt, whose ids the loader builds without it (see
+#: :meth:`StableDiffusionBackbone.empty_prompt_embedding`).
 SD_WEIGHT_FILES = [
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json", "text_encoder/model.safetensors",
-    "tokenizer/vocab.json", "tokenizer/merges.txt",
     "scheduler/scheduler_config.json",
 ]
+
+#: Files that are used when present and not needed otherwise: CLIP's tokenizer.
+SD_OPTIONAL_FILES = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
+
+#: CLIP's BPE vocabulary size and the ids of its ``<|startoftext|>`` and ``<|endoftext|>``
+#: tokens. SD 1.x's ``text_encoder/config.json`` says ``bos_token_id: 0, eos_token_id: 2``
+#: (a transformers default of 2022, see transformers PR #24773), not the ids its tokenizer
+#: emits, so the empty prompt cannot be built from the config alone.
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407
 
 #: SD 1.4's U-Net differs from diffusers' ``UNet2DConditionModel`` defaults only here.
 SD14_UNET_CONFIG = {"sample_size": 64, "cross_attention_dim": 768}
@@ -382,9 +394,12 @@ class StableDiffusionBackbone(Backbone):
     def empty_prompt_embedding(self) -> torch.Tensor:
         """The text encoder's output for the empty prompt, ``(1, 77, D)`` (cached).
 
-        With a tokenizer (SD 1.4) this is ``tokenizer("")`` padded to its maximum length;
-        without one (``tiny-sd``) the same ids are built from the text encoder's
-        begin/end-of-text ids (CLIP pads with the end-of-text id).
+        With a tokenizer this is ``tokenizer("")`` padded to its maximum length. Without
+        one the same ids are built by hand: begin-of-text, then end-of-text up to the
+        maximum length (SD 1.x's tokenizer pads with end-of-text). For CLIP's vocabulary
+        (:data:`CLIP_VOCAB_SIZE`, SD 1.4) the ids are CLIP's own (:data:`CLIP_BOS_ID`,
+        :data:`CLIP_EOS_ID`), since SD 1.4's text-encoder config carries other ones; for
+        any other vocabulary (``tiny-sd``) they are the config's.
         """
         if self._empty_prompt is None:
             cfg = self.text_encoder.config
@@ -393,9 +408,11 @@ class StableDiffusionBackbone(Backbone):
                                      max_length=self.tokenizer.model_max_length,
                                      return_tensors="pt").input_ids
             else:
+                bos, eos = ((CLIP_BOS_ID, CLIP_EOS_ID) if cfg.vocab_size == CLIP_VOCAB_SIZE
+                            else (cfg.bos_token_id, cfg.eos_token_id))
                 length = cfg.max_position_embeddings
-                ids = torch.full((1, length), cfg.eos_token_id, dtype=torch.long)
-                ids[0, 0] = cfg.bos_token_id
+                ids = torch.full((1, length), eos, dtype=torch.long)
+                ids[0, 0] = bos
             self._empty_prompt = self.text_encoder(ids.to(self.device))[0].to(self.dtype)
         return self._empty_prompt
 
@@ -595,9 +612,11 @@ def load_stable_diffusion(hub_id: str = SD14_HUB_ID, *, name: str = "sd14",
         offline).
     device, dtype : dtype defaults to float16 on CUDA, float32 on the CPU. The U-Net holds
         860 M parameters: 1.7 GB in float16.
-    files : the files that must be present (default :data:`SD_WEIGHT_FILES`); a
-        repository without ``tokenizer/`` files builds the empty prompt from the text
-        encoder's ids.
+    files : the files that must be present (default :data:`SD_WEIGHT_FILES`: U-Net, VAE,
+        text encoder, scheduler). The tokenizer is optional: when ``tokenizer/vocab.json``
+        and ``tokenizer/merges.txt`` are both there it encodes the empty prompt, otherwise
+        the loader builds the same ids itself
+        (:meth:`StableDiffusionBackbone.empty_prompt_embedding`).
 
     Raises
     ------
@@ -621,7 +640,7 @@ def load_stable_diffusion(hub_id: str = SD14_HUB_ID, *, name: str = "sd14",
                                                   local_files_only=True)
         tokenizer = (CLIPTokenizer.from_pretrained(root, subfolder="tokenizer",
                                                    local_files_only=True)
-                     if (root / "tokenizer").is_dir() else None)
+                     if all((root / f).is_file() for f in SD_OPTIONAL_FILES) else None)
     except (OSError, ValueError, KeyError) as exc:
         raise MissingWeightsError(hub_id, f"Weights for '{hub_id}' were found at {root} but "
                                   f"do not load ({type(exc).__name__}: {exc}). Download the "

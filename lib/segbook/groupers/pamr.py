@@ -63,7 +63,10 @@ def _as_image(image) -> torch.Tensor:
             image = image[:, :, None]
         if image.ndim != 3:
             raise ValueError(f"a numpy image must be (H, W) or (H, W, C), got {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        array = np.ascontiguousarray(image)
+        if not array.flags.writeable:   # torch warns on read-only memory (e.g. a cached image)
+            array = array.copy()
+        image = torch.from_numpy(array).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim == 2:
             image = image[None]
