@@ -19,7 +19,7 @@ PRETRAINED = {
     "clip-vitb16": "timm/vit_base_patch16_clip_224.openai",
     "mae-vitb16": "timm/vit_base_patch16_224.mae",
 }
-MINIATURES = {"tiny-sd": "diffusion", "tiny-vit": "vit"}
+MINIATURES = {"tiny-sd": "diffusion", "tiny-vit": "vit", "tiny-clip": "vit", "tiny-mae": "vit"}
 
 
 @pytest.fixture

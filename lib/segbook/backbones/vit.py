@@ -83,6 +83,13 @@ VIT_SPECS: dict[str, ViTSpec] = {
     # DINOv3's class (RoPE, CLS + 4 registers) at width 32, depth 3, 2 heads: 63 k parameters.
     "tiny-vit": ViTSpec("vit_small_patch16_dinov3", None, "longest", 128,
                         model_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2}),
+    # CLIP's and MAE's ViT classes (CLIP: pre-norm, QuickGELU-free timm variant; MAE: the
+    # plain ViT) at width 32, depth 3, 2 heads: paper 2's two backbones without public code
+    # that runs, testable offline (paper 2's input rules: short side 448 / exact 224).
+    "tiny-clip": ViTSpec("vit_base_patch16_clip_224", None, "shortest", 128,
+                         model_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2}),
+    "tiny-mae": ViTSpec("vit_base_patch16_224", None, "exact", 64,
+                        model_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2}),
 }
 
 
@@ -405,3 +412,5 @@ load_dino_vits16 = _loader("dino-vits16")
 load_clip_vitb16 = _loader("clip-vitb16")
 load_mae_vitb16 = _loader("mae-vitb16")
 load_tiny_vit = _loader("tiny-vit")
+load_tiny_clip = _loader("tiny-clip")
+load_tiny_mae = _loader("tiny-mae")

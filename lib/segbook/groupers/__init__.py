@@ -37,11 +37,9 @@ from segbook.groupers.tokencut import maskcut, tokencut, tokencut_affinity
 
 __all__ = [
     "DiffSeg",
-    "SpectralClustering",
-    "spectral_clustering",
-    "spectral_embedding",
     "KMeansSelection",
     "NCutResult",
+    "SpectralClustering",
     "SplitNode",
     "anchor_grid",
     "best_threshold_split",
@@ -60,7 +58,22 @@ __all__ = [
     "random_walk_ncut",
     "recursive_ncut",
     "refine_labels",
+    "spectral_clustering",
+    "spectral_embedding",
     "symmetric_kl",
     "tokencut",
     "tokencut_affinity",
 ]
+
+# Layer-distributed spectral clustering (paper 2, chapter 03), loaded on first use: its
+# grouper builds on segbook.pipelines, which itself imports this package.
+_LAZY = {"LayerAffinity", "LayerDistributedSpectralClustering", "ldsc_loss"}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from segbook.groupers import ldsc
+
+        return getattr(ldsc, name)
+    raise AttributeError(f"module 'segbook.groupers' has no attribute {name!r}")
