@@ -1,11 +1,11 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-from segbook.book.figures import label_colormap, show_label_map  # noqa: E402
+from segbook.book.figures import label_colormap, show_label_map
 
 
 @pytest.mark.parametrize("n", [2, 10, 21, 27, 150])

@@ -169,3 +169,14 @@ def test_run_book_writes_under_out_root(override_book, tmp_path, monkeypatch):
     assert code == 0
     assert (out / "02_over" / "tables" / "answer.csv").read_text().split()[1] == "5,"
     assert not (override_book / "results" / "smoke" / "02_over").exists()
+
+
+def test_progress_bars_are_off_when_the_runner_says_so(monkeypatch):
+    from segbook.book import progress
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress(range(3)).disable
+    monkeypatch.delenv("TQDM_DISABLE")
+    bar = progress(range(3), disable=False)
+    assert not bar.disable
+    bar.close()

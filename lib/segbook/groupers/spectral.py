@@ -18,7 +18,7 @@ from sklearn.cluster import KMeans
 from segbook.errors import GraphError
 from segbook.groupers.ncut import ncut_eigenvectors
 
-__all__ = ["SpectralClustering", "spectral_embedding", "spectral_clustering"]
+__all__ = ["SpectralClustering", "spectral_clustering", "spectral_embedding"]
 
 
 def spectral_embedding(A, k: int, drop_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
