@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-from segbook.book.freshness import inputs_digest, regenerate_command, stale_chapters
+from segbook.book.freshness import (
+    input_files,
+    inputs_digest,
+    regenerate_command,
+    stale_chapters,
+)
 from segbook.book.paths import repo_root
 
 
@@ -97,3 +102,24 @@ def test_check_command_prints_one_line_naming_chapters_and_command(repo):
     assert lines[0].startswith("error: stale results/cpu: 00_preface (changed since: "
                                "lib/segbook/eval/protocols.py)")
     assert lines[0].endswith('make book CHAPTERS="00 01"')
+
+
+def test_the_tools_left_out_of_the_inputs_are_imported_by_no_chapter():
+    import re
+
+    from segbook.book.freshness import NOT_INPUTS
+    from segbook.book.paths import chapter_paths
+
+    modules = {path.split("/")[-1][:-3] for path in NOT_INPUTS}
+    pattern = re.compile(r"segbook\.book\.(%s)\b|from segbook\.book import .*\b(%s)\b"
+                         % ("|".join(modules), "|".join(modules)))
+    for chapter, path in chapter_paths().items():
+        assert not pattern.search(path.read_text()), f"{chapter} imports one of {sorted(modules)}"
+    names = {p.as_posix() for p in input_files("01_spectral_clustering", "cpu")}
+    assert not names & NOT_INPUTS and "lib/segbook/book/results.py" in names
+
+
+def test_a_tool_change_leaves_results_fresh(repo):
+    path = repo / "lib" / "segbook" / "book" / "html.py"
+    path.write_text(path.read_text() + "\n# a renderer change\n")
+    assert stale_chapters("cpu", repo) == []

@@ -154,3 +154,23 @@ def test_rehearse_sets_and_restores_the_environment(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(runner, "run_book", lambda *a, **k: 1)
     assert R.rehearse(["00"], workdir=work, progress=False) == 1
     assert work.is_dir()
+
+
+def test_rehearse_passes_extra_overrides_and_the_cli_checks_them(tmp_path, monkeypatch):
+    """--set on a rehearsal (fewer passes on a CPU) reaches the runner; an unknown key is a
+    one-line error before anything is written."""
+    import subprocess
+    import sys
+
+    from segbook.book import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_book", lambda profile, chapters, **kw: seen.update(kw) or 0)
+    # chapter 00 needs no weights or data: nothing large is written (run_book is a stand-in)
+    assert R.rehearse(["00"], workdir=tmp_path / "w", progress=False,
+                      overrides={"recipe.passes": 40}) == 0
+    assert seen["overrides"] == {"image_limit": 1, "strict_datasets": False, "recipe.passes": 40}
+    proc = subprocess.run([sys.executable, "-m", "segbook.book", "rehearse", "--chapters", "03",
+                           "--set", "recipe.pases=40"], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown profile key")

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     reh.add_argument("--limit", type=int, default=1, metavar="N",
                      help="images per dataset (default 1)")
     reh.add_argument("--device", default=None, help="cpu or cuda (default: the profile's)")
+    reh.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a profile key as in 'run' (e.g. fewer optimisation "
+                          "passes for a CPU rehearsal: --set recipe.passes=40)")
     reh.add_argument("--keep", default=None, metavar="DIR",
                      help="write the fake weights and data under DIR and keep them")
     reh.add_argument("--no-progress", action="store_true")
@@ -101,16 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     from segbook.book.runner import check_overrides, check_profile, resolve_chapters, run_book
 
     if args.command == "rehearse":
+        from segbook.book.profiles import parse_override
         from segbook.book.rehearse import rehearse
 
         try:
-            resolve_chapters(args.chapters)
+            stems = resolve_chapters(args.chapters)
+            extra = dict(parse_override(text) for text in (args.set or []))
+            check_overrides("full", stems, extra)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return rehearse(args.chapters, limit=args.limit, device=args.device,
                         workdir=args.keep, keep=args.keep is not None,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overrides=extra)
 
     try:
         check_profile(args.profile)

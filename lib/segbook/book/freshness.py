@@ -23,6 +23,12 @@ from segbook.book.paths import repo_root
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 
+#: Tools around the chapters that no chapter imports (a test checks it): the command line,
+#: the rehearsal, the HTML renderer, the golden maker and this check. Changing them cannot
+#: change a chapter's outputs, so they are not inputs.
+NOT_INPUTS = {f"lib/segbook/book/{name}.py"
+              for name in ("__main__", "rehearse", "html", "golden", "freshness")}
+
 
 def input_files(chapter: str, profile: str, root: Path | None = None) -> list[Path]:
     """The files that determine ``chapter``'s outputs in ``profile`` (relative to ``root``)."""
@@ -34,7 +40,8 @@ def input_files(chapter: str, profile: str, root: Path | None = None) -> list[Pa
     files += [root / "book" / f"{chapter}.md", root / "book" / "profiles" / f"{profile}.yaml",
               root / "pyproject.toml"]
     files += list((root / "data_manifests").glob("*.yaml"))
-    return sorted({p.relative_to(root) for p in files if p.is_file()}, key=str)
+    return sorted({p.relative_to(root) for p in files
+                   if p.is_file() and p.relative_to(root).as_posix() not in NOT_INPUTS}, key=str)
 
 
 def inputs_digest(chapter: str, profile: str, root: Path | None = None) -> dict:

@@ -335,7 +335,7 @@ def rehearsal_root() -> Path:
 
 def rehearse(chapters: list[str] | None = None, limit: int = 1, device: str | None = None,
              workdir: str | Path | None = None, keep: bool = False, progress: bool = True,
-             stream=None) -> int:
+             stream=None, overrides: dict | None = None) -> int:
     """Run ``chapters`` (default: all) in the ``full`` profile on random weights and fake data.
 
     Parameters
@@ -351,6 +351,9 @@ def rehearse(chapters: list[str] | None = None, limit: int = 1, device: str | No
     keep : keep the work directory. A ``workdir`` that existed before the call is always
         kept; one this call created is removed at the end unless ``keep``.
     progress : progress bars.
+    overrides : more profile overrides (``--set key=value``), e.g. fewer optimisation passes
+        for a CPU rehearsal; applied to each chapter that has the key, after ``image_limit``
+        and ``strict_datasets``.
 
     Returns a process exit code: 0 when every chapter ran, 1 otherwise. Prints what was
     written, each chapter's time, and where its (meaningless) results are.
@@ -375,7 +378,7 @@ def rehearse(chapters: list[str] | None = None, limit: int = 1, device: str | No
         # nothing real: an empty Hugging Face cache, and captures cached inside the work dir
         "HF_HUB_CACHE": str(work / "hf-cache"), "SEGBOOK_CACHE": str(work / "feature-cache"),
     }
-    overrides = {"image_limit": int(limit), "strict_datasets": False}
+    overrides = {"image_limit": int(limit), "strict_datasets": False, **(overrides or {})}
     parameters = {"device": device} if device else None
     log(f"segbook rehearsal of the '{PROFILE}' profile: random weights of the real "
         "architectures on fake data; every number it writes is meaningless.")
