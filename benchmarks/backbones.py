@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from segbook.backbones import load_backbone
 from segbook.book.paths import results_root
-from segbook.book.results import atomic_write_text, dataframe_markdown
+from segbook.book.results import atomic_write_csv, atomic_write_text, dataframe_markdown
 
 # the input sizes the chapters use: cpu profile 512, smoke 128, the mosaic benchmark 256
 DEFAULT_SIZES = {"effnet-lite0": (128, 256, 512), "hed-vgg16": (128, 256, 512),
@@ -173,7 +173,7 @@ def main(argv=None) -> Path:
     sizes = {b: tuple(args.sizes) for b in args.backbones} if args.sizes else DEFAULT_SIZES
     rows = bench(args.backbones, sizes, image_names, args.note)
     frame = pd.DataFrame(rows)
-    atomic_write_text(args.out, frame.to_csv(index=False))
+    atomic_write_csv(args.out, frame)
     caption = (f"Capture time and peak memory per image on this CPU ({os.cpu_count()} cores), "
                f"{len(image_names)} bundled photos; written by benchmarks/backbones.py.")
     atomic_write_text(args.out.with_suffix(".md"), dataframe_markdown(frame, caption))

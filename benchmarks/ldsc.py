@@ -31,7 +31,6 @@ Writes ``results/cpu/bench/ldsc.csv`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import time
@@ -42,7 +41,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from segbook.book.paths import results_root
-from segbook.book.results import atomic_write_text
+from segbook.book.results import atomic_write_csv
 from segbook.groupers.ldsc import (
     LayerDistributedSpectralClustering,
     cnn_layer_affinities,
@@ -149,9 +148,7 @@ def main(argv=None) -> pd.DataFrame:
         base = {key: t for key, t, m in zip(keys, df.seconds, df.method) if m == ref}
         df[f"speedup_over_{ref}"] = [round(base[key] / t, 2) if key in base else None
                                      for key, t in zip(keys, df.seconds)]
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    atomic_write_text(args.out, buf.getvalue())
+    atomic_write_csv(args.out, df)
     print(df.to_string(index=False))
     print(f"wrote {args.out}")
     return df

@@ -23,7 +23,6 @@ provisional). Issue 3's target: ``fast`` at 4096 nodes in at most 0.5 s.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import time
@@ -35,7 +34,7 @@ from sklearn.metrics import adjusted_rand_score
 from tqdm import tqdm
 
 from segbook.book.paths import results_root
-from segbook.book.results import atomic_write_text
+from segbook.book.results import atomic_write_csv
 from segbook.graphs import FactoredAffinity, planted_random_walk
 from segbook.groupers import plain_recursive_ncut, recursive_ncut
 
@@ -124,9 +123,7 @@ def main(argv=None) -> pd.DataFrame:
             })
     steps.close()
     df = pd.DataFrame(rows)
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    atomic_write_text(args.out, buf.getvalue())
+    atomic_write_csv(args.out, df)
     print(df.to_string(index=False))
     print(f"wrote {args.out}")
     return df

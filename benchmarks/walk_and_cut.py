@@ -30,7 +30,6 @@ provisional).
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 import os
 import platform
@@ -45,7 +44,7 @@ from sklearn.metrics import adjusted_rand_score
 from tqdm import tqdm
 
 from segbook.book.paths import results_root
-from segbook.book.results import atomic_write_text
+from segbook.book.results import atomic_write_csv
 from segbook.graphs import diffseg_weights
 from segbook.groupers import plain_recursive_ncut
 from segbook.pipelines import (
@@ -258,9 +257,7 @@ def main(argv=None) -> pd.DataFrame:
     df["torch_threads"] = args.threads
     df["cpu_count"] = os.cpu_count()
     df["machine"] = platform.machine()
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    path = atomic_write_text(args.out, buf.getvalue())
+    path = atomic_write_csv(args.out, df)
     print(df.drop(columns=["device", "machine", "out_size", "graph", "stop"]).to_string(
         index=False))
     print(f"wrote {path}")

@@ -27,13 +27,7 @@ from segbook.errors import MissingWeightsError
 SIZE = 128  # latent 16 x 16: attention grids 16, 8, 4 and 2 (SD 1.4's 64..8 divided by 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the CI box has 2 shared cores; torch's spinning worker threads make tiny models 30x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

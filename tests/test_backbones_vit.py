@@ -11,12 +11,7 @@ from segbook.backbones.vit import VIT_SPECS, ViTSpec, load_vit
 from segbook.errors import MissingWeightsError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,11 @@ def test_a_rehearsal_labels_every_table_figure_and_provenance(tmp_path, monkeypa
     assert unlabelled.figure("f", _figure()).read_bytes() != plain.figure("f", _figure()).read_bytes()
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert "meaningless" in prov["rehearsal"]
+
+
+def test_atomic_write_csv_round_trips(tmp_path):
+    from segbook.book.results import atomic_write_csv
+
+    df = pd.DataFrame({"n": [1024, 4096], "seconds": [0.05, 0.34]})
+    path = atomic_write_csv(tmp_path / "bench" / "x.csv", df)
+    assert pd.read_csv(path).equals(df) and not list(path.parent.glob(".*.tmp"))

@@ -180,3 +180,14 @@ def test_progress_bars_are_off_when_the_runner_says_so(monkeypatch):
     bar = progress(range(3), disable=False)
     assert not bar.disable
     bar.close()
+
+
+def test_environment_sets_and_restores_even_unset_variables(monkeypatch):
+    from segbook.book.runner import environment
+
+    monkeypatch.setenv("SEGBOOK_TEST_A", "old")
+    monkeypatch.delenv("SEGBOOK_TEST_B", raising=False)
+    with pytest.raises(RuntimeError), environment({"SEGBOOK_TEST_A": "new", "SEGBOOK_TEST_B": "b"}):
+        assert os.environ["SEGBOOK_TEST_A"] == "new" and os.environ["SEGBOOK_TEST_B"] == "b"
+        raise RuntimeError
+    assert os.environ["SEGBOOK_TEST_A"] == "old" and "SEGBOOK_TEST_B" not in os.environ

@@ -26,13 +26,7 @@ from segbook.groupers.ldsc import (
 from segbook.pipelines.synthetic import _downsample_labels, planted_scene
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two threads that wait for each other on a shared 2-core machine are many times slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ never to ``results/full/``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -314,18 +313,6 @@ def profile_requirements(chapter: str, profile: str = PROFILE) -> dict[str, list
 
 # --------------------------------------------------------------------------- the rehearsal
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def rehearsal_root() -> Path:
@@ -358,7 +345,7 @@ def rehearse(chapters: list[str] | None = None, limit: int = 1, device: str | No
     Returns a process exit code: 0 when every chapter ran, 1 otherwise. Prints what was
     written, each chapter's time, and where its (meaningless) results are.
     """
-    from segbook.book.runner import resolve_chapters, run_book
+    from segbook.book.runner import environment, resolve_chapters, run_book
 
     stream = stream or sys.stdout
 
@@ -385,7 +372,7 @@ def rehearse(chapters: list[str] | None = None, limit: int = 1, device: str | No
     log(f"  work directory {work}; results -> {out_root}")
     outcomes: list[tuple[str, str, float, float]] = []
     try:
-        with _environment(env):
+        with environment(env):
             for stem in stems:
                 needs = profile_requirements(stem)
                 log(f"\n[{stem}] needs backbones {needs['backbones'] or '-'}, "

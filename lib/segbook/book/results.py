@@ -73,6 +73,13 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_csv(path: Path, df, index: bool = False) -> Path:
+    """A DataFrame as CSV through :func:`atomic_write_text` (the benchmarks' writer)."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=index)
+    return atomic_write_text(path, buf.getvalue())
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -16,6 +16,7 @@ Chapters never execute in place: ``book/*.md`` is only read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -69,6 +70,22 @@ def check_profile(profile: str) -> None:
     valid = available_profiles()
     if profile not in valid:
         raise ValueError(f"unknown profile '{profile}'; valid profiles: {', '.join(valid)}")
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for a block (a papermill kernel started inside inherits
+    them) and restore the previous values, unset ones included, afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def chapter_notebook(path: Path):
@@ -149,13 +166,13 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
     # The kernel inherits these: results go to the staging directory, and the chapters' own
     # progress bars stay out of the executed notebook (the runner shows its own, per cell).
     kernel_env = {RESULTS_DIR_ENV: str(staging), "TQDM_DISABLE": "1"}
-    env_before = {key: os.environ.get(key) for key in kernel_env}
-    os.environ.update(kernel_env)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(input_nb), str(output_nb), parameters=params,
-                            kernel_name="python3", cwd=str(book_dir()),
-                            progress_bar={"disable": not progress}, execution_timeout=timeout)
+        with environment(kernel_env):
+            pm.execute_notebook(str(input_nb), str(output_nb), parameters=params,
+                                kernel_name="python3", cwd=str(book_dir()),
+                                progress_bar={"disable": not progress},
+                                execution_timeout=timeout)
     except Exception as exc:  # papermill raises PapermillExecutionError, or kernel errors
         shutil.rmtree(failed, ignore_errors=True)
         input_nb.unlink(missing_ok=True)
@@ -168,12 +185,6 @@ def run_chapter(chapter: str, profile: str, parameters: dict | None = None,
         evalue = str(getattr(exc, "evalue", exc)).strip()
         detail = f"{ename}: {evalue.splitlines()[0] if evalue else ''}"
         raise ChapterFailed(chapter, cell, detail, nb_path if nb_path.is_file() else None) from None
-    finally:
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     seconds = time.perf_counter() - start
     input_nb.unlink(missing_ok=True)
     # Swap the staging directory into place: the old results survive until the new ones exist.
