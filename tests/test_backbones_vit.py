@@ -10,7 +10,6 @@ from segbook.backbones import load_backbone
 from segbook.backbones.vit import VIT_SPECS, ViTSpec, load_vit
 from segbook.errors import MissingWeightsError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -13,7 +13,6 @@ import torch
 
 from segbook.book import rehearse as R
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -3,11 +3,11 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from segbook.book.results import Results, atomic_write_text, sha256_file  # noqa: E402
+from segbook.book.results import Results, atomic_write_text, sha256_file
 
 
 def _figure():

@@ -25,7 +25,6 @@ from segbook.groupers.ldsc import (
 )
 from segbook.pipelines.synthetic import _downsample_labels, planted_scene
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -9,9 +9,20 @@ from segbook.backbones.registry import available_backbones, load_backbone, regis
 from segbook.backbones.weights import resolve_weights
 from segbook.errors import MissingWeightsError
 
-__all__ = ["Backbone", "Capture", "CaptureOptions", "FeatureCache", "load_image",
-           "similarity_attention", "LayerCapture", "MissingWeightsError",
-           "available_backbones", "load_backbone", "register_backbone", "resolve_device",
-           "resolve_weights"]
+__all__ = [
+           "Backbone",
+           "Capture",
+           "CaptureOptions",
+           "FeatureCache",
+           "LayerCapture",
+           "MissingWeightsError",
+           "available_backbones",
+           "load_backbone",
+           "load_image",
+           "register_backbone",
+           "resolve_device",
+           "resolve_weights",
+           "similarity_attention",
+]
 
-from segbook.backbones import catalog as _catalog  # noqa: E402,F401  (registers the entries)
+from segbook.backbones import catalog as _catalog  # noqa: F401  (registers the entries)

@@ -22,9 +22,29 @@ from segbook.data.root import DATA_ENV, data_root, require_files
 from segbook.data.samples import SAMPLE_NAMES, SamplePhoto, load_sample, samples
 from segbook.errors import MissingDatasetError
 
-__all__ = ["DATA_ENV", "data_root", "require_files", "MissingDatasetError"]
-__all__ += ["DATASETS", "IGNORE_INDEX", "load", "load_manifest", "class_names", "list_samples",
-            "dataset_dir", "Manifest", "ManifestError", "SegmentationDataset", "Sample", "Preprocess",
-            "PRESETS"]
-__all__ += ["samples", "load_sample", "SamplePhoto", "SAMPLE_NAMES", "make_mosaic",
-            "mosaic_benchmark", "MosaicBenchmark", "MOSAIC_CLASSES"]
+__all__ = ["DATA_ENV", "MissingDatasetError", "data_root", "require_files"]
+__all__ += [
+                                   "DATASETS",
+                                   "IGNORE_INDEX",
+                                   "PRESETS",
+                                   "Manifest",
+                                   "ManifestError",
+                                   "Preprocess",
+                                   "Sample",
+                                   "SegmentationDataset",
+                                   "class_names",
+                                   "dataset_dir",
+                                   "list_samples",
+                                   "load",
+                                   "load_manifest",
+]
+__all__ += [
+                                   "MOSAIC_CLASSES",
+                                   "SAMPLE_NAMES",
+                                   "MosaicBenchmark",
+                                   "SamplePhoto",
+                                   "load_sample",
+                                   "make_mosaic",
+                                   "mosaic_benchmark",
+                                   "samples",
+]

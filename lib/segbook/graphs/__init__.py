@@ -12,6 +12,8 @@ graphs the spectral groupers cut (:mod:`segbook.groupers`):
 * :func:`as_affinity`, :class:`DenseAffinity`, :class:`SparseAffinity`,
   :class:`FactoredAffinity` - the operator view the NCut solver works on.
 * :func:`planted_partition`, :func:`planted_random_walk` - graphs with a known answer.
+* :func:`dataset_knn_graph`, :class:`KnnGraph` - paper 2's sparse top-k graph over the tokens
+  of many images (intra- and inter-image neighbours), built chunk by chunk.
 """
 
 from segbook.graphs.affinity import (
@@ -29,6 +31,7 @@ from segbook.graphs.attention import (
     power_walk,
     token_grid,
 )
+from segbook.graphs.knn import KnnGraph, dataset_knn_graph
 from segbook.graphs.operators import (
     Affinity,
     DenseAffinity,
@@ -42,20 +45,22 @@ __all__ = [
     "Affinity",
     "DenseAffinity",
     "FactoredAffinity",
+    "KnnGraph",
     "SparseAffinity",
     "adjacency",
     "aggregate_self_attention",
     "as_affinity",
     "block_labels",
     "check_row_stochastic",
+    "dataset_knn_graph",
     "diffseg_weights",
     "feature_cosine_affinity",
     "grid_side",
-    "token_grid",
     "pixel_affinity",
     "planted_partition",
     "planted_random_walk",
     "power_walk",
     "sparsify_threshold",
     "sparsify_topk",
+    "token_grid",
 ]

@@ -9,8 +9,11 @@
 * :mod:`segbook.groupers.spectral` - k-way spectral clustering (eigenvectors, then K-means).
 * :mod:`segbook.groupers.diffseg` - DiffSeg: anchors, symmetric-KL merging, NMS (paper 1's baseline).
 * :mod:`segbook.groupers.pamr` - PAMR label refinement (DiffCut; paper 1, Table 5).
+* :mod:`segbook.groupers.cafe` - CAFE, EASe's training-free grouper (paper 3, sec. 3.2;
+  stages in :mod:`~segbook.groupers.cafe_stages` and :mod:`~segbook.groupers.cafe_merge`).
 """
 
+from segbook.groupers.cafe import CAFE, TABLE4_VARIANTS, calibrate_granularity
 from segbook.groupers.diffcut import diffcut_segment, plain_recursive_ncut
 from segbook.groupers.diffseg import (
     DiffSeg,
@@ -36,6 +39,8 @@ from segbook.groupers.spectral import SpectralClustering, spectral_clustering, s
 from segbook.groupers.tokencut import maskcut, tokencut, tokencut_affinity
 
 __all__ = [
+    "CAFE",
+    "TABLE4_VARIANTS",
     "DiffSeg",
     "KMeansSelection",
     "NCutResult",
@@ -43,6 +48,7 @@ __all__ = [
     "SplitNode",
     "anchor_grid",
     "best_threshold_split",
+    "calibrate_granularity",
     "diffcut_segment",
     "fiedler_vector",
     "kmeans_silhouette",
@@ -68,7 +74,9 @@ __all__ = [
 # Layer-distributed spectral clustering (paper 2, chapter 03), loaded on first use: its
 # grouper builds on segbook.pipelines, which itself imports this package.
 _LAZY = {"LayerAffinity", "LayerDistributedSpectralClustering", "ldsc_loss"}
-__all__ += sorted(_LAZY)
+# Paper 2 across a dataset (chapter 03, second half), for the same reason.
+_LAZY_DATASET = {"DatasetSpectralClustering"}
+__all__ += sorted(_LAZY | _LAZY_DATASET)
 
 
 def __getattr__(name):
@@ -76,4 +84,8 @@ def __getattr__(name):
         from segbook.groupers import ldsc
 
         return getattr(ldsc, name)
+    if name in _LAZY_DATASET:
+        from segbook.groupers import ldsc_dataset
+
+        return getattr(ldsc_dataset, name)
     raise AttributeError(f"module 'segbook.groupers' has no attribute {name!r}")

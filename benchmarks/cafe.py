@@ -1,0 +1,203 @@
+"""Benchmark: CAFE's three stages at EASe's size (640 x 480 pixels from a 40 x 30 token grid).
+
+Input: a texture-mosaic layout (``make_mosaic``, 6 Voronoi regions) turned into features with
+a known answer: a random unit embedding per region, tokens average-pooled to 40 x 30 plus
+token noise (so that neighbouring tokens of one region are not identical: about 0.92 cosine,
+under CAFE's 0.97, the hard case where the dictionary does not shrink), high-resolution
+features = the tokens upsampled bilinearly plus pixel noise; the attention is the bilinear
+upsampler's distance attention, computed separably (the same values as
+``segbook.upsamplers.distance_attention``, checked on rows here) because the upsampler's
+attention is SAUCE's cost, not CAFE's: its time per pass is a column of its own.
+
+Rows, per channel count ``C`` (``--channels``, default 320 = the stand-in's width, and 1024 =
+DINOv3-L's):
+
+* ``cafe``: all three stages, for each ``--precision`` (``auto``, the default, labels equal
+  to float32's; ``bfloat16_unchecked``, no float32 re-check of near ties) (``CAFE().hierarchy``): seconds per stage, the pixel-by-prototype
+  multiply-adds performed (seeding ``n N C``, every stage-1 pass ``N K_i C``, stage 2
+  ``N K' C``), the rate they ran at, and the machine's bfloat16 and float32 matrix-product
+  rates measured in the same run on the same shapes (``(8192 x C) @ (C x n)``); peak added
+  resident memory against the feature map's size. ``cafe_minus_attention_s`` subtracts the
+  two passes over the attention (argmax and ``A G``).
+* ``sweep``: stage 3's sweep, incremental (``merge_sweep``) against the naive per-threshold
+  recomputation (``merge_sweep_naive``), on the stage-2 labels of a ``--naive-size`` image
+  (the naive sweep recomputes adjacency from pixels 691 times, too slow at full size), and
+  whether both give the same snapshots.
+
+Writes ``results/cpu/bench/cafe.csv`` (or ``--out``).
+
+    nice .venv/bin/python benchmarks/cafe.py [--channels 320 1024] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from segbook.book.paths import results_root
+from segbook.book.results import atomic_write_csv
+from segbook.data.mosaic import make_mosaic
+from segbook.groupers.cafe import CAFE
+from segbook.groupers.cafe_merge import merge_sweep, merge_sweep_naive, sweep_data, thresholds
+from segbook.pipelines.walk_and_cut import peak_memory
+from segbook.upsamplers.base import LazyAttention, distance_attention
+
+
+def separable_distance_attention(out_size, grid, sigma=0.5, chunk=4096) -> LazyAttention:
+    """``distance_attention`` computed as an outer product of its row and column factors
+    (exp(-(dy^2 + dx^2)) = exp(-dy^2) exp(-dx^2), each normalised on its own axis)."""
+    H, W = out_size
+    h, w = grid
+    py = (torch.arange(H) + 0.5) * h / H
+    px = (torch.arange(W) + 0.5) * w / W
+    ty = torch.arange(h) + 0.5
+    tx = torch.arange(w) + 0.5
+    s = 1.0 / (2 * sigma ** 2)
+    ay = torch.softmax(-s * (py[:, None] - ty[None]) ** 2, dim=1)      # (H, h)
+    ax = torch.softmax(-s * (px[:, None] - tx[None]) ** 2, dim=1)      # (W, w)
+
+    def rows_fn(start, stop):
+        idx = torch.arange(start, stop)
+        return (ay[idx // W][:, :, None] * ax[idx % W][:, None, :]).reshape(stop - start, h * w)
+
+    return LazyAttention(rows_fn, (H, W), (h, w), chunk=chunk)
+
+
+def bench_inputs(C, size=(480, 640), grid=(30, 40), seed=0, token_noise=0.3, pixel_noise=0.2):
+    _, lab = make_mosaic(3 + seed, size=size, n_regions=6, layout="voronoi")
+    lab = np.unique(lab, return_inverse=True)[1].reshape(lab.shape)
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(int(lab.max()) + 1, C, generator=g), dim=1)
+    f0 = emb[torch.from_numpy(lab)].permute(2, 0, 1)
+    low = F.adaptive_avg_pool2d(f0[None], grid)[0]
+    low = low + token_noise * torch.randn(C, *grid, generator=g) / C ** 0.5
+    feats = F.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0]
+    feats = feats + pixel_noise * torch.randn(C, *size, generator=g) / C ** 0.5
+    att = separable_distance_attention(size, grid)
+    return feats, low, att, lab
+
+
+def matmul_rate(C, n, dtype, seconds=1.0):
+    a = torch.randn(8192, C).to(dtype)
+    b = torch.randn(n, C).to(dtype)
+    a @ b.T
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b.T
+        reps += 1
+    return 2 * 8192 * C * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def attention_pass(att) -> float:
+    t0 = time.perf_counter()
+    for _ in att.chunks():
+        pass
+    return time.perf_counter() - t0
+
+
+def run_cafe(C, size, grid, precision="auto"):
+    feats, low, att, lab = bench_inputs(C, size, grid)
+    ref = distance_attention(size, grid)
+    rows = [0, 12345 % (size[0] * size[1]), size[0] * size[1] - 1]
+    assert torch.allclose(att.rows(rows), ref.rows(rows), atol=1e-6)
+    t_att = attention_pass(att)
+    rate_bf16 = matmul_rate(C, grid[0] * grid[1], torch.bfloat16)
+    rate_f32 = matmul_rate(C, grid[0] * grid[1], torch.float32, seconds=0.5)
+    cafe = CAFE(precision=precision)
+    cpu0 = time.process_time()
+    with peak_memory() as peak:
+        t0 = time.perf_counter()
+        res = cafe.hierarchy(feats, low, att)
+        total = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    N, n = size[0] * size[1], grid[0] * grid[1]
+    sizes = res.dictionary_sizes
+    # seeding (n tokens against N pixels), one pass per application of U (the dictionary
+    # size before it), stage 2 against the final dictionary
+    passes = [n] + sizes[:-1]
+    macs = sum(N * k * C for k in passes) + N * sizes[-1] * C
+    matmul_s = res.timings.get("stage1", 0) + res.timings.get("stage2", 0) - 2 * t_att
+    from sklearn.metrics import adjusted_rand_score
+    best_ari = max(adjusted_rand_score(lab.ravel(), res.hierarchy.labels(i).ravel())
+                   for i in range(len(res.hierarchy.levels)))
+    return {
+        "row": "cafe", "precision": precision, "channels": C, "height": size[0], "width": size[1],
+        "grid": f"{grid[0]}x{grid[1]}", "seconds": round(total, 3),
+        "cafe_minus_attention_s": round(total - 2 * t_att, 3),
+        "attention_pass_s": round(t_att, 3),
+        "prepare_s": round(res.timings.get("prepare", 0), 3),
+        "gradient_s": round(res.timings["gradient"], 3),
+        "stage1_s": round(res.timings["stage1"], 3), "stage2_s": round(res.timings["stage2"], 3),
+        "edge_refinement_s": round(res.timings["edge_refinement"], 3),
+        "stage3_s": round(res.timings["stage3"], 3),
+        "dictionary_sizes": "/".join(map(str, sizes)), "feature_passes": len(passes) + 1,
+        "stage2_segments": int(res.stage2_labels.max()) + 1,
+        "snapshots": len(res.hierarchy.snapshots), "levels": len(res.hierarchy.levels),
+        "best_level_ari": round(best_ari, 3),
+        "gmacs": round(macs / 1e9, 1),
+        "achieved_gflops_stage12": round(2 * macs / max(matmul_s, 1e-9) / 1e9, 1),
+        "matmul_gflops_bf16": round(rate_bf16, 1), "matmul_gflops_f32": round(rate_f32, 1),
+        "peak_added_mib": round((peak["bytes"] - peak["start"]) / 2 ** 20, 1),
+        "feature_map_mib": round(feats.numel() * 4 / 2 ** 20, 1),
+        "cpu_s": round(cpu, 3),
+    }
+
+
+def run_sweep(C, size, grid):
+    feats, low, att, _ = bench_inputs(C, size, grid)
+    res = CAFE().hierarchy(feats, low, att)
+    data = sweep_data(res.stage2_labels, feats, keep_features=True)
+    taus = thresholds()
+    t0 = time.perf_counter()
+    fast = merge_sweep(data, taus, 0.0, 50)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = merge_sweep_naive(data, taus, 0.0, 50)
+    t_slow = time.perf_counter() - t0
+    same = len(fast) == len(slow) and all(
+        np.array_equal(a.mapping, b.mapping) and a.tau == b.tau for a, b in zip(fast, slow))
+    return {"row": "sweep", "channels": C, "height": size[0], "width": size[1],
+            "grid": f"{grid[0]}x{grid[1]}", "stage2_segments": len(data.area),
+            "snapshots": len(fast), "incremental_s": round(t_fast, 4),
+            "naive_s": round(t_slow, 3), "speedup": round(t_slow / max(t_fast, 1e-9), 1),
+            "same_snapshots": bool(same)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--channels", type=int, nargs="+", default=[320, 1024])
+    ap.add_argument("--size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    ap.add_argument("--grid", type=int, nargs=2, default=[30, 40], metavar=("h", "w"))
+    ap.add_argument("--naive-size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"))
+    ap.add_argument("--precision", nargs="+", default=["auto", "bfloat16_unchecked"],
+                    help="CAFE(precision=...) values to run (auto: bfloat16 products with "
+                         "float32 re-checks, the library default)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for C in args.channels:
+        for precision in args.precision:
+            rows.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
+            print(rows[-1], flush=True)
+    rows.append(run_sweep(args.channels[0], tuple(args.naive_size), (12, 16)))
+    print(rows[-1], flush=True)
+    load = os.getloadavg()[0]
+    for r in rows:
+        r.update(threads=args.threads, load_avg_1min=round(load, 2), cpu=platform.processor()
+                 or platform.machine())
+    out = args.out or results_root() / "cpu" / "bench" / "cafe.csv"
+    atomic_write_csv(out, pd.DataFrame(rows))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

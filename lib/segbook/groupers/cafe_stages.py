@@ -1,0 +1,606 @@
+"""CAFE stages 1 and 2: cross-resolution seeding and attention-guided grouping (paper 3, sec. 3.2).
+
+EASe's training-free grouper (Singh et al., *Excite, Attend and Segment*, section 3.2; chapter
+04) reads an upsampler's high-resolution features ``F_hr`` (``C x H x W``), the low-resolution
+tokens ``F_lr`` (``C x h x w``) and the upsampler's attention ``A`` (``H W x h w``, rows sum to
+one), which it never forms: only ``A.argmax()`` and ``A @ G`` (chunk by chunk) are used.
+
+Stage 1, *Cue Discovery via Cross-Resolution Seeding* (:func:`cross_resolution_seeding`)
+    Dictionary ``D``: for every token ``j`` the high-resolution feature most cosine-similar to
+    it. Quantiser ``Q(.) = D[argmax(.)]``; attention clusters ``R = Q(A)`` (each pixel gets the
+    prototype of its argmax token), semantic clusters ``S = Q(cos(F_hr, D))`` (each pixel its
+    nearest prototype). The merge operator ``U(S, R, D, tau)`` (:func:`merge_operator`)
+    cross-tabulates ``S`` against ``R``, gives each semantic cluster its dominant attention
+    group, merges prototypes of one group whose cosine exceeds ``tau = 0.97`` (union-find, so
+    merges are transitive) by averaging, and drops prototypes no pixel chose under ``S``.
+    Iterated while the dictionary shrinks, at most ``T = 5`` times (supp. Table 1; the text's
+    stopping rule "until |D'| > |D|" is garbled, we stop when ``|D'| >= |D|``).
+Stage 2, *Attention-Guided Grouping* (:func:`attention_guided_grouping`)
+    ``G`` one-hot token -> nearest prototype of ``D'``; ``A^G = A G`` (``H W x K'``); label
+    ``y_i = argmin_k alpha (1 - f_i^T d_k) + beta (1 - A^G_ik)`` (eq. 3-4, ``alpha = 0.75``,
+    ``beta = 0.25``), then edge refinement (:func:`edge_refinement`), whose constants the paper
+    does not give (our defaults are named parameters).
+
+Matrix products. The floor of both stages is the pixel-by-prototype cosine (``H W x K x C``
+multiply-adds per pass). ``precision="auto"`` computes it in bfloat16 where that is fast (CUDA,
+or a CPU with AMX) and recomputes in float32 every pixel whose best two bfloat16 scores are
+closer than ``_AMBIGUOUS`` (twice the worst-case bfloat16 error of a cosine of unit vectors),
+so the labels are those of the float32 computation; ``"float32"`` computes everything in
+float32; ``"bfloat16_unchecked"`` skips the re-check (faster; labels may differ where two
+prototypes are within about 0.01 in cosine).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segbook.errors import GraphError
+
+__all__ = [
+    "AGGResult",
+    "CRSResult",
+    "PixelFeatures",
+    "attention_guided_grouping",
+    "cross_resolution_seeding",
+    "edge_refinement",
+    "feature_gradient",
+    "kmeans_pp",
+    "merge_operator",
+    "nearest_prototype",
+    "pooled_attention",
+]
+
+# Pixels per chunk of every pass over the features.
+CHUNK = 8192
+# Fewer prototypes than this: float32 products (cheap) instead of bfloat16 + re-checks.
+FAST_MIN_K = 64
+# bfloat16 has 8 significant bits: a dot product of unit vectors computed from rounded inputs
+# is off by at most about 2 * 2^-9 = 0.0039, and rounding the product to bfloat16 adds up to
+# 2^-9; two scores can thus swap only when closer than 2 * 0.0059 = 0.012. Rows whose two best
+# bfloat16 scores are closer than this margin are recomputed.
+_AMBIGUOUS = 0.012
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return "amx_bf16" in fh.read(1 << 16)
+    except OSError:
+        return False
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "bfloat16_unchecked")
+
+
+def _fast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return torch.float32
+    if precision.startswith("bfloat16"):
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" or _cpu_has_amx() else torch.float32
+
+
+def _flat(features: torch.Tensor) -> torch.Tensor:
+    """``(C, H, W)`` -> ``(C, N)`` view."""
+    if features.ndim != 3:
+        raise GraphError(f"features must be (C, H, W), got {tuple(features.shape)}")
+    return features.reshape(features.shape[0], -1)
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    # a NaN or Inf makes the sum non-finite; a finite sum of finite values is the common case
+    # and costs one reduction (an overflowing sum falls back to the elementwise test)
+    if bool(torch.isfinite(x.sum())):
+        return
+    if not torch.isfinite(x).all():
+        raise GraphError(f"{what} contain NaN or Inf: CAFE needs finite features (check the "
+                         "backbone and the upsampler's output)")
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    # a zero feature vector has no direction: it stays zero (cosine 0 with everything)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class PixelFeatures:
+    """The flat features ``(C, N)`` prepared once for the repeated pixel-by-prototype passes:
+    with a bfloat16 ``precision``, a contiguous ``(N, C)`` bfloat16 copy of the unit rows (half
+    the size of the float32 feature map); float32 unit rows are recomputed from ``features``
+    chunk by chunk (and for the few pixels re-checked)."""
+
+    def __init__(self, features: torch.Tensor, precision: str = "auto", device=None,
+                 chunk: int = CHUNK):
+        if isinstance(features, PixelFeatures):
+            raise TypeError("already prepared")
+        self.X = _flat(features)
+        self.shape = tuple(features.shape)
+        self.device = torch.device(device) if device is not None else self.X.device
+        self.dt = _fast_dtype(precision, self.device)
+        self.check = precision != "bfloat16_unchecked"
+        self.chunk = int(chunk)
+        self.N = self.X.shape[1]
+        self.fast = None
+        if self.dt != torch.float32:
+            self.fast = torch.empty(self.N, self.X.shape[0], dtype=self.dt, device=self.device)
+            for s in range(0, self.N, self.chunk):
+                e = min(self.N, s + self.chunk)
+                self.fast[s:e] = self.exact(s, e).to(self.dt)
+
+    def exact(self, s: int, e: int) -> torch.Tensor:
+        """float32 unit rows ``s:e`` ``(e - s, C)``."""
+        return _unit_rows(self.X[:, s:e].T.to(device=self.device, dtype=torch.float32))
+
+    def exact_index(self, idx: torch.Tensor) -> torch.Tensor:
+        return _unit_rows(self.X[:, idx.cpu()].T.to(device=self.device, dtype=torch.float32))
+
+    def use_fast(self, K: int) -> bool:
+        """bfloat16 products against ``K`` prototypes: only when there is a bfloat16 copy and
+        ``K`` is large enough (``FAST_MIN_K``) for the products, not the float32 re-checks,
+        to dominate."""
+        return self.fast is not None and K >= FAST_MIN_K
+
+    def chunks(self, fast: bool = True):
+        """Yield ``(start, stop, rows)``: bfloat16 rows from the copy (``fast`` and a copy
+        exists), else float32 rows."""
+        for s in range(0, self.N, self.chunk):
+            e = min(self.N, s + self.chunk)
+            yield s, e, (self.fast[s:e] if fast and self.fast is not None else self.exact(s, e))
+
+
+def _prepare(features, precision, device) -> PixelFeatures:
+    return features if isinstance(features, PixelFeatures) else PixelFeatures(
+        features, precision, device)
+
+
+def _best_with_check(fast: torch.Tensor, exact_fn, exact_cols_fn=None,
+                     check: bool = True) -> torch.Tensor:
+    """Argmax of the rows of ``fast`` (bfloat16 scores). With ``check``, rows whose two best
+    scores are within ``_AMBIGUOUS`` are recomputed in float32: against their 4 best
+    candidates (``exact_cols_fn(rows, cols) -> (rows, 4)``) when the 5th is clearly worse,
+    else against every column (``exact_fn(rows) -> (rows, K)``)."""
+    K = fast.shape[1]
+    if K == 1:
+        return torch.zeros(fast.shape[0], dtype=torch.long, device=fast.device)
+    if not check:
+        return fast.max(dim=1).indices
+    top = fast.topk(2, dim=1)
+    best = top.indices[:, 0].clone()
+    amb = (top.values[:, 0].float() - top.values[:, 1].float()) < _AMBIGUOUS
+    if amb.any():
+        idx = amb.nonzero().squeeze(1)
+        sub = fast[idx]
+        i_all = idx
+        if exact_cols_fn is not None and K >= 5:
+            top = sub.topk(5, dim=1)
+            v = top.values.float()
+            few = (v[:, 0] - v[:, 4]) >= _AMBIGUOUS
+            i_few, i_all = idx[few], idx[~few]
+            if len(i_few):
+                cols = top.indices[few, :4]
+                best[i_few] = cols.gather(1, exact_cols_fn(i_few, cols).argmax(dim=1,
+                                                                              keepdim=True))[:, 0]
+        if len(i_all):
+            best[i_all] = exact_fn(i_all).argmax(dim=1)
+    return best
+
+
+def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
+                      device=None) -> torch.Tensor:
+    """``S = argmax_k cos(f_i, d_k)`` for every pixel: ``(N,)`` long (the semantic clusters of
+    stage 1). ``features`` ``(C, H, W)`` (or prepared :class:`PixelFeatures`); ``D``
+    ``(K, C)``."""
+    P = _prepare(features, precision, device)
+    Dn = _unit_rows(D.to(P.device, torch.float32))
+    Df = Dn.to(P.dt)
+    K = Dn.shape[0]
+    out = torch.empty(P.N, dtype=torch.long)
+    for s, e, x in P.chunks(fast=P.use_fast(K)):
+        if not P.use_fast(K):
+            out[s:e] = (x @ Dn.T).max(dim=1).indices.cpu()
+            continue
+        out[s:e] = _best_with_check(
+            x @ Df.T, lambda i, s=s: P.exact_index(i + s) @ Dn.T,
+            lambda i, c, s=s: torch.einsum("rc,rkc->rk", P.exact_index(i + s), Dn[c]),
+            P.check).cpu()
+    return out
+
+
+def _token_nearest_pixel(features, tokens: torch.Tensor, precision: str,
+                         device) -> torch.Tensor:
+    """For every token (row of ``tokens`` ``(n, C)``) the index of the most cosine-similar
+    pixel. With bfloat16, each chunk's best pixel per token is re-scored in float32 and the
+    best over chunks kept: the result is within bfloat16 resolution (about 0.01 in cosine) of
+    the exact best pixel."""
+    P = _prepare(features, precision, device)
+    T = _unit_rows(tokens.to(P.device, torch.float32))
+    Tf = T.to(P.dt)
+    n = T.shape[0]
+    best_val = torch.full((n,), -np.inf, device=P.device)
+    best_idx = torch.zeros(n, dtype=torch.long, device=P.device)
+    for s, e, x in P.chunks():
+        if P.fast is None:
+            v, i = (T @ x.T).max(dim=1)
+        else:
+            i = (Tf @ x.T).max(dim=1).indices
+            v = (T * P.exact_index(i + s)).sum(dim=1)
+        better = v > best_val
+        best_val = torch.where(better, v, best_val)
+        best_idx = torch.where(better, i + s, best_idx)
+    return best_idx.cpu()
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # the smaller id is the root: results do not depend on the order of unions
+            if rb < ra:
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+
+
+def merge_operator(S: torch.Tensor, R: torch.Tensor, D: torch.Tensor, tau: float = 0.97,
+                   average: str = "mean"):
+    """``U(S, R, D, tau)`` of stage 1 (sec. 3.2): returns ``(D', old -> new map)``.
+
+    ``S``, ``R``: ``(N,)`` prototype ids (semantic and attention clusters) in ``0..K-1``;
+    ``D``: ``(K, C)`` unit prototypes. Each semantic cluster goes to its dominant attention
+    group (the ``R`` value most of its pixels have; ties to the lowest id); inside a group,
+    prototypes with cosine ``> tau`` are merged (union-find, transitive); prototypes no pixel
+    chose under ``S`` are dropped (map value -1). ``average``: ``"mean"`` (default, the text's
+    "by averaging") or ``"weighted"`` (by pixel counts under ``S``; unstated in the paper).
+    Merged prototypes are renormalised to unit length. New ids follow the smallest old id.
+    """
+    K = D.shape[0]
+    T = torch.bincount(S * K + R, minlength=K * K).reshape(K, K)
+    count = T.sum(dim=1)
+    alive = count > 0
+    group = T.argmax(dim=1)
+    Dn = _unit_rows(D.double())
+    cos = Dn @ Dn.T
+    cand = (cos > tau) & (group[:, None] == group[None, :]) & alive[:, None] & alive[None, :]
+    cand = torch.triu(cand, diagonal=1)
+    uf = _UnionFind(K)
+    for a, b in cand.nonzero().tolist():
+        uf.union(a, b)
+    roots = torch.tensor([uf.find(k) for k in range(K)])
+    keep = sorted({int(r) for r, a in zip(roots.tolist(), alive.tolist()) if a})
+    new_id = {r: i for i, r in enumerate(keep)}
+    mapping = torch.tensor([new_id[int(r)] if bool(alive[k]) else -1
+                            for k, r in enumerate(roots.tolist())], dtype=torch.long)
+    if average not in ("mean", "weighted"):
+        raise ValueError(f"average must be 'mean' or 'weighted', got {average!r}")
+    w = torch.where(alive, count.double() if average == "weighted" else torch.ones(K,
+                    dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
+    Dnew = torch.zeros(len(keep), D.shape[1], dtype=torch.float64)
+    sel = mapping >= 0
+    Dnew.index_add_(0, mapping[sel], Dn[sel] * w[sel, None])
+    return _unit_rows(Dnew).to(D.dtype), mapping
+
+
+@dataclass
+class CRSResult:
+    """Stage 1's output: unit prototypes ``D`` ``(K', C)``, the token -> prototype map kept
+    through the merges, the dictionary size after each application of ``U`` and the index of
+    the pixel each initial prototype was taken from."""
+
+    D: torch.Tensor
+    token_to_prototype: torch.Tensor
+    sizes: list
+    seed_pixels: torch.Tensor
+
+
+def cross_resolution_seeding(features, lowres: torch.Tensor, attention,
+                             tau: float = 0.97, iterations: int = 5, average: str = "mean",
+                             precision: str = "auto", device=None,
+                             token_argmax: torch.Tensor | None = None) -> CRSResult:
+    """Stage 1 of CAFE (sec. 3.2, "Cue Discovery via Cross-Resolution Seeding").
+
+    Parameters
+    ----------
+    features : ``F_hr`` ``(C, H, W)``.
+    lowres : ``F_lr`` ``(C, h, w)`` (the tokens the upsampler mixed; which of ``F_lr`` and the
+        SE-gated tokens the paper compares is unstated, pass either).
+    attention : a :class:`~segbook.upsamplers.LazyAttention` (only ``argmax()`` is read here).
+    tau : prototype merge threshold (0.97, supp. Table 1).
+    iterations : at most ``T`` applications of the merge operator (5); stops earlier when the
+        dictionary stops shrinking.
+    average : how merged prototypes are averaged (:func:`merge_operator`).
+    token_argmax : ``(H, W)`` argmax tokens if already computed.
+
+    Returns
+    -------
+    :class:`CRSResult`. Tokens keep the prototype they seeded; when prototypes merge the
+    tokens follow (the paper does not say how ``R`` is defined after merges); a token whose
+    prototype is dropped goes to the surviving prototype most similar to the dropped one.
+    """
+    shape = features.shape
+    C = shape[0]
+    if lowres.ndim != 3 or lowres.shape[0] != C:
+        raise GraphError(f"lowres must be (C={C}, h, w), got {tuple(lowres.shape)}")
+    tokens = lowres.reshape(C, -1).T
+    n = tokens.shape[0]
+    if attention.shape != (shape[1] * shape[2], n):
+        raise GraphError(f"attention is {attention.shape}, expected (H W, h w) = "
+                         f"({shape[1] * shape[2]}, {n})")
+    P = _prepare(features, precision, device)
+    seed_pix = _token_nearest_pixel(P, tokens, precision, device)
+    D = P.exact_index(seed_pix).cpu()
+    tok2proto = torch.arange(n)
+    arg = (attention.argmax() if token_argmax is None else token_argmax).reshape(-1)
+    sizes = [D.shape[0]]
+    for _ in range(int(iterations)):
+        S = nearest_prototype(P, D, precision, device)
+        R = tok2proto[arg]
+        Dnew, mapping = merge_operator(S, R, D, tau, average)
+        new_tok = mapping[tok2proto]
+        dropped = new_tok < 0
+        if dropped.any():
+            nearest = (_unit_rows(D[tok2proto[dropped]]) @ Dnew.T).argmax(dim=1)
+            new_tok[dropped] = nearest
+        shrunk = Dnew.shape[0] < D.shape[0]
+        D, tok2proto = Dnew, new_tok
+        sizes.append(D.shape[0])
+        if not shrunk:
+            break
+    return CRSResult(D=D, token_to_prototype=tok2proto, sizes=sizes, seed_pixels=seed_pix)
+
+
+def pooled_attention(attention, token_to_group: torch.Tensor, K: int,
+                     how: str = "chunks"):
+    """``A^G = A G`` with ``G`` the one-hot ``(n_tokens, K)`` matrix of ``token_to_group``.
+
+    ``how="chunks"`` (default) yields ``(start, stop, A^G rows)`` chunk by chunk, each chunk a
+    column scatter-add of the attention rows (``n`` additions per pixel instead of ``n K``
+    multiply-adds, same values up to summation order); ``"matmul"`` calls
+    ``attention.matmul(G)`` once (``H W x K`` floats held at once) and yields it as one chunk.
+    The full ``A`` is never formed either way.
+    """
+    idx = token_to_group.long()
+    if how == "matmul" or not hasattr(attention, "chunks"):
+        G = F.one_hot(idx, K).float()
+        yield 0, attention.shape[0], attention.matmul(G)
+        return
+    if how != "chunks":
+        raise ValueError(f"how must be 'chunks' or 'matmul', got {how!r}")
+    for s, e, a in attention.chunks():
+        out = torch.zeros(e - s, K, dtype=a.dtype, device=a.device)
+        out.index_add_(1, idx.to(a.device), a)
+        yield s, e, out
+
+
+def check_attention_rows(attention, renormalise: bool, atol: float = 1e-3):
+    """Wrap ``attention`` so that every chunk read is checked (finite, non-negative, rows sum
+    to one within ``atol``) or, with ``renormalise=True``, divided by its row sums (rows that
+    sum to zero become uniform)."""
+    return _CheckedAttention(attention, renormalise, atol)
+
+
+class _CheckedAttention:
+    def __init__(self, inner, renormalise, atol):
+        self.inner, self.renormalise, self.atol = inner, bool(renormalise), float(atol)
+        self.shape = inner.shape
+        self.out_size, self.grid = inner.out_size, inner.grid
+
+    def _fix(self, a: torch.Tensor) -> torch.Tensor:
+        # a NaN or Inf anywhere in a row makes its sum non-finite: one reduction checks both
+        sums = a.sum(dim=1, keepdim=True)
+        if not bool(torch.isfinite(sums).all()):
+            raise GraphError("the attention contains NaN or Inf")
+        if float(a.amin()) < 0:
+            raise GraphError("the attention has negative entries; CAFE needs row-stochastic "
+                             "attention (a softmax over tokens)")
+        if self.renormalise:
+            if bool((sums > 0).all()):
+                return a / sums
+            uniform = torch.full_like(a, 1.0 / a.shape[1])
+            return torch.where(sums > 0, a / sums.clamp_min(1e-30), uniform)
+        bad = (sums - 1).abs() > self.atol
+        if bool(bad.any()):
+            worst = float(sums[bad].sub(1).abs().max())
+            raise GraphError(f"attention rows must sum to one (a softmax over tokens); "
+                             f"{int(bad.sum())} rows of a chunk are off by up to {worst:.3g}. "
+                             "Pass renormalise_attention=True to divide rows by their sums")
+        return a
+
+    def chunks(self):
+        for s, e, a in self.inner.chunks():
+            yield s, e, self._fix(a)
+
+    def argmax(self):
+        out = torch.empty(self.shape[0], dtype=torch.long)
+        for s, e, a in self.chunks():
+            out[s:e] = a.max(dim=1).indices.cpu()      # first maximum, as argmax; faster
+        return out.reshape(self.out_size)
+
+    def matmul(self, G):
+        out = torch.empty(self.shape[0], G.shape[1])
+        for s, e, a in self.chunks():
+            out[s:e] = (a @ G.to(a.device, a.dtype)).cpu()
+        return out
+
+
+@dataclass
+class AGGResult:
+    """Stage 2's output: ``labels`` ``(H, W)`` (prototype ids, before edge refinement) and the
+    token -> prototype one-hot map ``G`` as indices."""
+
+    labels: np.ndarray
+    token_to_prototype: torch.Tensor
+
+
+def attention_guided_grouping(features, lowres: torch.Tensor, attention,
+                              D: torch.Tensor, alpha: float = 0.75, beta: float = 0.25,
+                              precision: str = "auto", device=None, pool: str = "chunks",
+                              token_to_prototype: torch.Tensor | None = None) -> AGGResult:
+    """Stage 2 of CAFE (sec. 3.2, eq. 3-4): ``y_i = argmin_k alpha (1 - f_i^T d_k) +
+    beta (1 - (A G)_ik)``, i.e. ``argmax_k alpha cos + beta A^G``.
+
+    ``G`` maps each low-resolution token to its nearest prototype in ``D`` (cosine of the
+    token's feature), unless ``token_to_prototype`` is given. ``A G`` is read through
+    :func:`pooled_attention` (``pool``), one chunk of pixels at a time, never forming ``A``.
+    """
+    P = _prepare(features, precision, device)
+    C = P.shape[0]
+    Dn = _unit_rows(D.to(P.device, torch.float32))
+    K = Dn.shape[0]
+    if token_to_prototype is None:
+        tokens = _unit_rows(lowres.reshape(C, -1).T.to(P.device, torch.float32))
+        token_to_prototype = (tokens @ Dn.T).argmax(dim=1).cpu()
+    Df = Dn.to(P.dt)
+    labels = torch.empty(P.N, dtype=torch.long)
+    for s, e, ag in pooled_attention(attention, token_to_prototype, K, pool):
+        for s2 in range(s, e, P.chunk):
+            e2 = min(e, s2 + P.chunk)
+            agc = ag[s2 - s:e2 - s].to(P.device, torch.float32)
+            if not P.use_fast(K):
+                x = P.exact(s2, e2)
+                labels[s2:e2] = (alpha * (x @ Dn.T) + beta * agc).argmax(dim=1).cpu()
+                continue
+            fast = (P.fast[s2:e2] @ Df.T).float().mul_(alpha).add_(agc, alpha=beta)
+            labels[s2:e2] = _best_with_check(
+                fast, lambda i, s2=s2, agc=agc: alpha * (P.exact_index(i + s2) @ Dn.T)
+                + beta * agc[i],
+                lambda i, c, s2=s2, agc=agc: alpha * torch.einsum(
+                    "rc,rkc->rk", P.exact_index(i + s2), Dn[c]) + beta * agc[i].gather(1, c),
+                P.check).cpu()
+    return AGGResult(labels=labels.reshape(P.shape[1:]).numpy(),
+                     token_to_prototype=token_to_prototype)
+
+
+def feature_gradient(features: torch.Tensor, channel_chunk: int = 16) -> np.ndarray:
+    """Spatial gradient magnitude ``|grad F|`` ``(H, W)`` float64: the differences of
+    ``numpy.gradient`` (central inside, one-sided at the border), squares summed over
+    channels, ``channel_chunk`` channels at a time so that no copy of the feature map is held."""
+    C, H, W = features.shape
+    g2 = torch.zeros(H, W, dtype=torch.float32)
+    for c in range(0, C, channel_chunk):
+        x = features[c:c + channel_chunk].to(torch.float32)
+        if W > 2:
+            d = x[:, :, 2:] - x[:, :, :-2]
+            g2[:, 1:-1] += (d * d).sum(0) * 0.25
+        if W > 1:
+            for col, (i, j) in ((0, (1, 0)), (W - 1, (W - 1, W - 2))):
+                d = x[:, :, i] - x[:, :, j]
+                g2[:, col] += (d * d).sum(0)
+        if H > 2:
+            d = x[:, 2:] - x[:, :-2]
+            g2[1:-1] += (d * d).sum(0) * 0.25
+        if H > 1:
+            for row, (i, j) in ((0, (1, 0)), (H - 1, (H - 1, H - 2))):
+                d = x[:, i] - x[:, j]
+                g2[row] += (d * d).sum(0)
+    return g2.double().sqrt().numpy()
+
+
+_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def edge_refinement(labels: np.ndarray, gradient: np.ndarray, majority: int = 5,
+                    gradient_quantile: float = 0.9, passes: int = 1) -> np.ndarray:
+    """Stage 2's edge-aware boundary smoothing (sec. 3.2: "pixels surrounded by a majority of a
+    neighbouring label are reassigned unless they lie on a strong feature gradient").
+
+    The paper gives no constants; ours: a pixel whose 8 neighbours (3 x 3 window; border pixels
+    have fewer) hold at least ``majority`` (5, i.e. more than half of 8) copies of one other
+    label takes that label, unless its feature gradient magnitude is at or above the
+    ``gradient_quantile`` (0.9) of the image's; ``passes`` (1) simultaneous passes.
+    """
+    lab = np.asarray(labels).copy()
+    H, W = lab.shape
+    if H * W == 0 or passes < 1:
+        return lab
+    strong = gradient >= np.quantile(gradient, gradient_quantile)
+    for _ in range(int(passes)):
+        pad = np.pad(lab, 1, constant_values=-1)
+        nb = np.stack([pad[1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy, dx in _NEIGHBOURS])
+        best_count = np.zeros((H, W), dtype=np.int64)
+        best_label = lab.copy()
+        for k in range(8):
+            cnt = (nb == nb[k]).sum(0)
+            upd = (cnt > best_count) & (nb[k] >= 0)
+            best_count = np.where(upd, cnt, best_count)
+            best_label = np.where(upd, nb[k], best_label)
+        change = (best_count >= majority) & (best_label != lab) & ~strong
+        if not change.any():
+            break
+        lab = np.where(change, best_label, lab)
+    return lab
+
+
+def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: int = 0,
+              precision: str = "auto", device=None, init_sample: int = 20000):
+    """K-means++ (Arthur and Vassilvitskii, 2007) on the L2-normalised pixel features, the
+    baseline of EASe's Table 4 (``K' = 200``, 20 iterations).
+
+    The ``k`` initial centres are drawn by D^2 sampling from ``init_sample`` pixels (a seeded
+    uniform subsample; all pixels when fewer); then Lloyd iterations over all pixels (empty
+    clusters keep their centre). Returns ``(labels (H, W) np.int64, centres (k', C))`` with
+    ``k' = min(k, distinct pixels)``.
+    """
+    PF = _prepare(features, precision, device)
+    N, dev = PF.N, PF.device
+    gen = torch.Generator().manual_seed(int(seed))
+    sample = torch.randperm(N, generator=gen)[:min(N, int(init_sample))]
+    P = PF.exact_index(sample)
+    k = int(min(k, len(torch.unique(P, dim=0))))
+    first = int(torch.randint(len(P), (1,), generator=gen))
+    centres = [P[first]]
+    # |p - c|^2 = 2 - 2 p.c for unit rows (zero rows: 1 + |c|^2 - 2 p.c, same formula below)
+    sq = P.square().sum(1)
+    d2 = (sq + sq[first] - 2 * (P @ P[first])).clamp_min(0)
+    for _ in range(1, k):
+        probs = d2.cpu().double()
+        if probs.sum() <= 0:
+            break
+        j = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        centres.append(P[j])
+        d2 = torch.minimum(d2, (sq + sq[j] - 2 * (P @ P[j])).clamp_min(0))
+    Cm = torch.stack(centres)
+    dt = PF.dt
+    labels = torch.empty(N, dtype=torch.long)
+    for it in range(int(iterations) + 1):
+        # argmin ||x - c||^2 = argmax (x.c - |c|^2 / 2); Lloyd's passes take the bfloat16
+        # argmax as it comes, the last pass (the returned labels) is re-checked
+        last = it == int(iterations)
+        half = 0.5 * Cm.square().sum(1)
+        Cf = Cm.to(dt)
+        sums = torch.zeros_like(Cm, dtype=torch.float64)
+        counts = torch.zeros(len(Cm), dtype=torch.float64, device=dev)
+        fast = PF.use_fast(len(Cm))
+        for s, e, x in PF.chunks(fast=fast):
+            if not fast:
+                lab = (x @ Cm.T - half).max(dim=1).indices
+            else:
+                lab = _best_with_check((x @ Cf.T).float() - half,
+                                       lambda i, s=s, Cm=Cm, half=half:
+                                       PF.exact_index(i + s) @ Cm.T - half, None,
+                                       PF.check and last)
+            labels[s:e] = lab.cpu()
+            if last:
+                continue
+            sums.index_add_(0, lab, x.double())
+            counts += torch.bincount(lab, minlength=len(Cm)).double()
+        if last:
+            break
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], Cm.double())
+        Cm = new.float()
+    return labels.reshape(PF.shape[1:]).numpy(), Cm.cpu()
