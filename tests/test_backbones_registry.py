@@ -78,3 +78,23 @@ def test_capture_select_matches_whole_dotted_names():
     assert [l.name for l in cap.select(["up.0"])] == ["up.0.attn1"]
     assert [l.name for l in cap.select(resolution=4)] == ["blocks.1", "up.0.attn1"]
     assert sorted(cap.attention_by_resolution()) == [2, 4]
+
+
+def test_capture_feature_layers_picks_and_explains():
+    import torch
+
+    from segbook.backbones.base import Capture, LayerCapture
+    from segbook.errors import GraphError
+
+    cap = Capture("x", (32, 32), {
+        "a": LayerCapture("a", "self", (4, 4), attn=torch.eye(16)),
+        "b": LayerCapture("b", "block", (4, 4), features=torch.zeros(8, 4, 4)),
+        "c": LayerCapture("c", "block", (2, 2), features=torch.zeros(8, 2, 2)),
+    })
+    assert [lc.name for lc in cap.feature_layers()] == ["b", "c"]
+    assert [lc.name for lc in cap.feature_layers("CAFE", "b")] == ["b"]
+    with pytest.raises(GraphError, match=r"no features for layer 'a'; captured: \['b', 'c'\]"):
+        cap.feature_layers("CAFE", "a")
+    empty = Capture("x", (32, 32), {"a": cap["a"]})
+    with pytest.raises(GraphError, match="CAFE needs features"):
+        empty.feature_layers("CAFE")

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from segbook.errors import GraphError
+
 
 @dataclass
 class LayerCapture:
@@ -125,6 +127,24 @@ class Capture:
             if kind is not None and layer.kind != kind:
                 continue
             picked.append(layer)
+        return picked
+
+    def feature_layers(self, who: str = "this method", layer: str | None = None) -> list[LayerCapture]:
+        """The layers that carry features, in capture order; with ``layer``, just that one.
+
+        Raises :class:`~segbook.errors.GraphError` naming ``who`` when no layer has features,
+        and listing the layers that do when ``layer`` is not among them."""
+        candidates = [lc for lc in self.layers.values() if lc.features is not None]
+        if not candidates:
+            raise GraphError(f"{who} needs features and the capture has none: capture with "
+                             "features=True (Stable Diffusion) or feature layers (CNN, "
+                             "capture_attention(..., with_features=True))")
+        if layer is None:
+            return candidates
+        picked = [lc for lc in candidates if lc.name == layer]
+        if not picked:
+            raise GraphError(f"no features for layer {layer!r}; captured: "
+                             f"{[lc.name for lc in candidates]}")
         return picked
 
     def attention_by_resolution(self) -> dict[int, list[torch.Tensor]]:

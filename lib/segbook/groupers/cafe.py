@@ -128,18 +128,7 @@ def _as_inputs(source, lowres):
 
 
 def _capture_lowres(capture, layer=None) -> torch.Tensor:
-    candidates = [lc for lc in capture if lc.features is not None]
-    if not candidates:
-        raise GraphError("CAFE needs token features and the capture has none: capture with "
-                         "features (capture_attention(..., with_features=True))")
-    if layer is not None:
-        picked = [lc for lc in candidates if lc.name == layer]
-        if not picked:
-            raise GraphError(f"no features for layer {layer!r}; captured: "
-                             f"{[lc.name for lc in candidates]}")
-        lc = picked[0]
-    else:
-        lc = candidates[-1]
+    lc = capture.feature_layers("CAFE", layer)[-1]   # the named layer, else the last one
     X = lc.features
     X = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
     if X.ndim == 4:

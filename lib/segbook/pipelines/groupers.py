@@ -205,11 +205,7 @@ def _features_from(source, layer):
     ``(C, h, w)`` map, or ``(features (N, C), grid)``."""
     from segbook.backbones.base import Capture
     if isinstance(source, Capture):
-        candidates = [lc for lc in source if lc.features is not None]
-        if not candidates:
-            raise GraphError("DiffCut needs features and the capture has none: capture with "
-                             "features=True (Stable Diffusion) or feature layers (CNN, "
-                             "capture_attention(..., with_features=True))")
+        candidates = source.feature_layers("DiffCut")
         if layer is None and source.meta.get("diffcut_layer"):
             # a diffusion backbone: DiffCut's own layer, never a decoder layer by default
             layer = source.meta["diffcut_layer"]
@@ -220,11 +216,7 @@ def _features_from(source, layer):
                                  "backbone.capture(image, **backbone.diffcut_capture_kwargs()) "
                                  "or pass layer=... explicitly")
         if layer is not None:
-            picked = [lc for lc in candidates if lc.name == layer]
-            if not picked:
-                raise GraphError(f"no features for layer {layer!r}; captured: "
-                                 f"{[lc.name for lc in candidates]}")
-            lc = picked[0]
+            lc = source.feature_layers("DiffCut", layer)[0]
         else:
             small = [lc for lc in candidates if lc.grid[0] * lc.grid[1] <= 32 * 32]
             pool = small or candidates
