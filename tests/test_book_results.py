@@ -127,3 +127,23 @@ def test_atomic_write_csv_round_trips(tmp_path):
     df = pd.DataFrame({"n": [1024, 4096], "seconds": [0.05, 0.34]})
     path = atomic_write_csv(tmp_path / "bench" / "x.csv", df)
     assert pd.read_csv(path).equals(df) and not list(path.parent.glob(".*.tmp"))
+
+
+def test_atomic_torch_save_keeps_the_old_file_when_saving_fails(tmp_path):
+    import pytest
+    import torch
+
+    from segbook.book.results import atomic_torch_save
+
+    path = tmp_path / "ck" / "state.pt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_torch_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["state.pt"]   # no temporary left

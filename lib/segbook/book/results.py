@@ -51,14 +51,15 @@ TRACKED_PACKAGES = (
 )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it to ``path``: a
+    reader sees the old file or the whole new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -67,6 +68,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_torch_save(obj, path: Path) -> Path:
+    """``torch.save(obj, path)`` atomically (checkpoints that survive an interruption)."""
+    import torch
+
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -284,7 +297,7 @@ class Results:
             "manifests": manifest_hashes(self.manifests),
             "outputs": dict(sorted(self.outputs.items())),
             "extra": _jsonable(self.extra),
-            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "written_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
 
     def _write_provenance(self) -> None:

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segbook.book.results import atomic_torch_save
 from segbook.errors import GraphError
 from segbook.graphs.knn import KnnGraph, dataset_knn_graph
 
@@ -327,13 +328,6 @@ def _dist():
     return dist if (dist.is_available() and dist.is_initialized()) else None
 
 
-def _atomic_save(obj, path):
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 class DatasetSpectralClustering:
     """Paper 2's dataset-level spectral clustering (section 3.3), trained over a dataset.
@@ -505,7 +499,7 @@ class DatasetSpectralClustering:
                 return
             order = torch.cat([p["images"] for p in parts]).argsort()
             state = {k: torch.cat([p[k] for p in parts])[order] for k in state}
-        _atomic_save({"format": "segbook.ldsc_dataset/1", "params": self.params(),
+        atomic_torch_save({"format": "segbook.ldsc_dataset/1", "params": self.params(),
                       "iteration": it, "history": history, "n_images": n_images,
                       "table_size": G, **state}, path)
         if dist is not None:

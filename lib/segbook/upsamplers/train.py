@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segbook.book.results import atomic_torch_save
 from segbook.errors import CorruptFileError
 from segbook.upsamplers.features import (
     backbone_features,
@@ -244,13 +245,6 @@ def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step) * 101 + int(rank))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_curve(losses: list[dict], path: Path) -> None:
     import pandas as pd
 
@@ -337,7 +331,7 @@ def train(config: TrainConfig, images, out_dir: str | Path | None = None, backbo
     def save(step):
         if ckpt_path is None or rank != 0:
             return
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "step": step, "losses": losses, "config": config.to_dict(),
                       "v_dim": v_dim, "kind": config.model}, ckpt_path)
         _write_curve(losses, ckpt_path.with_name("loss.csv"))
