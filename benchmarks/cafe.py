@@ -5,9 +5,9 @@ a known answer: a random unit embedding per region, tokens average-pooled to 40 
 token noise (so that neighbouring tokens of one region are not identical: about 0.92 cosine,
 under CAFE's 0.97, the hard case where the dictionary does not shrink), high-resolution
 features = the tokens upsampled bilinearly plus pixel noise; the attention is the bilinear
-upsampler's distance attention, computed separably (the same values as
-``segbook.upsamplers.distance_attention``, checked on rows here) because the upsampler's
-attention is SAUCE's cost, not CAFE's: its time per pass is a column of its own.
+upsampler's distance attention (``segbook.upsamplers.distance_attention``, cheap to compute:
+the upsampler's attention is SAUCE's cost, not CAFE's; its time per pass is a column of its
+own).
 
 Rows, per channel count ``C`` (``--channels``, default 320 = the stand-in's width, and 1024 =
 DINOv3-L's):
@@ -26,7 +26,12 @@ DINOv3-L's):
 
 Writes ``results/cpu/bench/cafe.csv`` (or ``--out``).
 
-    nice .venv/bin/python benchmarks/cafe.py [--channels 320 1024] [--threads 1]
+* ``primitives``: milliseconds per whole-image pass of the operations stages 1-2 are made of
+  (:func:`primitive_row`): the product is not what dominates; the reductions over ``K`` are.
+
+Every row is run at each ``--threads`` value (default 1 and 2, this machine's cores).
+
+    nice .venv/bin/python benchmarks/cafe.py [--channels 320 1024] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -47,27 +52,7 @@ from segbook.data.mosaic import make_mosaic
 from segbook.groupers.cafe import CAFE
 from segbook.groupers.cafe_merge import merge_sweep, merge_sweep_naive, sweep_data, thresholds
 from segbook.pipelines.walk_and_cut import peak_memory
-from segbook.upsamplers.base import LazyAttention, distance_attention
-
-
-def separable_distance_attention(out_size, grid, sigma=0.5, chunk=4096) -> LazyAttention:
-    """``distance_attention`` computed as an outer product of its row and column factors
-    (exp(-(dy^2 + dx^2)) = exp(-dy^2) exp(-dx^2), each normalised on its own axis)."""
-    H, W = out_size
-    h, w = grid
-    py = (torch.arange(H) + 0.5) * h / H
-    px = (torch.arange(W) + 0.5) * w / W
-    ty = torch.arange(h) + 0.5
-    tx = torch.arange(w) + 0.5
-    s = 1.0 / (2 * sigma ** 2)
-    ay = torch.softmax(-s * (py[:, None] - ty[None]) ** 2, dim=1)      # (H, h)
-    ax = torch.softmax(-s * (px[:, None] - tx[None]) ** 2, dim=1)      # (W, w)
-
-    def rows_fn(start, stop):
-        idx = torch.arange(start, stop)
-        return (ay[idx // W][:, :, None] * ax[idx % W][:, None, :]).reshape(stop - start, h * w)
-
-    return LazyAttention(rows_fn, (H, W), (h, w), chunk=chunk)
+from segbook.upsamplers.base import distance_attention
 
 
 def bench_inputs(C, size=(480, 640), grid=(30, 40), seed=0, token_noise=0.3, pixel_noise=0.2):
@@ -80,7 +65,7 @@ def bench_inputs(C, size=(480, 640), grid=(30, 40), seed=0, token_noise=0.3, pix
     low = low + token_noise * torch.randn(C, *grid, generator=g) / C ** 0.5
     feats = F.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0]
     feats = feats + pixel_noise * torch.randn(C, *size, generator=g) / C ** 0.5
-    att = separable_distance_attention(size, grid)
+    att = distance_attention(size, grid)
     return feats, low, att, lab
 
 
@@ -104,9 +89,6 @@ def attention_pass(att) -> float:
 
 def run_cafe(C, size, grid, precision="auto"):
     feats, low, att, lab = bench_inputs(C, size, grid)
-    ref = distance_attention(size, grid)
-    rows = [0, 12345 % (size[0] * size[1]), size[0] * size[1] - 1]
-    assert torch.allclose(att.rows(rows), ref.rows(rows), atol=1e-6)
     t_att = attention_pass(att)
     rate_bf16 = matmul_rate(C, grid[0] * grid[1], torch.bfloat16)
     rate_f32 = matmul_rate(C, grid[0] * grid[1], torch.float32, seconds=0.5)
@@ -150,6 +132,35 @@ def run_cafe(C, size, grid, precision="auto"):
     }
 
 
+def primitive_row(C, size, grid, chunk=8192, reps=3):
+    """Milliseconds per whole-image pass (``N = H W`` pixels against ``K = h w`` prototypes,
+    ``chunk`` pixels at a time) of the primitives CAFE's stages 1-2 are made of: the bfloat16
+    product, the row argmax, the top-2 used by the float32 re-check, the column scatter-add of
+    ``A G`` and the bfloat16 -> float32 conversion of the scores. It shows where the time goes
+    beside the product itself."""
+    N, K = size[0] * size[1], grid[0] * grid[1]
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(chunk, C, generator=g), dim=1).bfloat16()
+    D = F.normalize(torch.randn(K, C, generator=g), dim=1).bfloat16()
+    a = torch.rand(chunk, K, generator=g)
+    idx = torch.randint(0, K, (K,), generator=g)
+    s = x @ D.T
+
+    def ms(fn):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return round((time.perf_counter() - t0) / reps * N / chunk * 1e3, 1)
+
+    return {"row": "primitives", "channels": C, "height": size[0], "width": size[1],
+            "grid": f"{grid[0]}x{grid[1]}", "pass_matmul_bf16_ms": ms(lambda: x @ D.T),
+            "pass_row_argmax_ms": ms(lambda: s.max(dim=1)),
+            "pass_top2_ms": ms(lambda: s.topk(2, dim=1)),
+            "pass_scatter_add_AG_ms": ms(lambda: torch.zeros(chunk, K).index_add_(1, idx, a)),
+            "pass_to_float32_ms": ms(lambda: s.float())}
+
+
 def run_sweep(C, size, grid):
     feats, low, att, _ = bench_inputs(C, size, grid)
     res = CAFE().hierarchy(feats, low, att)
@@ -179,21 +190,28 @@ def main(argv=None):
     ap.add_argument("--precision", nargs="+", default=["auto", "bfloat16_unchecked"],
                     help="CAFE(precision=...) values to run (auto: bfloat16 products with "
                          "float32 re-checks, the library default)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch threads; every row is run at each (2 = all cores here)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     rows = []
-    for C in args.channels:
-        for precision in args.precision:
-            rows.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
-            print(rows[-1], flush=True)
-    rows.append(run_sweep(args.channels[0], tuple(args.naive_size), (12, 16)))
-    print(rows[-1], flush=True)
-    load = os.getloadavg()[0]
-    for r in rows:
-        r.update(threads=args.threads, load_avg_1min=round(load, 2), cpu=platform.processor()
-                 or platform.machine())
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        new = []
+        for C in args.channels:
+            for precision in args.precision:
+                new.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
+                print(new[-1], flush=True)
+            new.append(primitive_row(C, tuple(args.size), tuple(args.grid)))
+            print(new[-1], flush=True)
+        if threads == args.threads[0]:
+            new.append(run_sweep(args.channels[0], tuple(args.naive_size), (12, 16)))
+            print(new[-1], flush=True)
+        load = os.getloadavg()[0]
+        for r in new:
+            r.update(threads=threads, load_avg_1min=round(load, 2),
+                     cpu=platform.processor() or platform.machine())
+        rows += new
     out = args.out or results_root() / "cpu" / "bench" / "cafe.csv"
     atomic_write_csv(out, pd.DataFrame(rows))
     print("wrote", out)

@@ -28,6 +28,16 @@ def test_lazy_attention_matches_dense(chunk):
     assert torch.allclose(A.rows([0, 5, 479]), D[[0, 5, 479]], atol=1e-6)
 
 
+@pytest.mark.parametrize("out_size,grid,sigma", [((25, 19), (6, 5), 0.3), ((7, 33), (3, 11), 1.5)])
+def test_separable_attention_equals_the_direct_softmax(out_size, grid, sigma):
+    # distance_attention factorises the softmax into a row part and a column part: same rows
+    # as the direct softmax over all h w tokens, at sizes that do not divide
+    A = distance_attention(out_size, grid, sigma=sigma, chunk=13)
+    D = _dense_attention(out_size, grid, sigma)
+    assert torch.allclose(A.dense(), D, atol=1e-6)
+    assert torch.allclose(A.dense().sum(1), torch.ones(len(D)), atol=1e-6)
+
+
 def test_argmax_is_the_token_under_the_pixel():
     # 4 x 4 pixels per token: the nearest token centre is the cell the pixel lies in.
     A = distance_attention((24, 20), (6, 5))

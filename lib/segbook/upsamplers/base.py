@@ -134,16 +134,26 @@ def token_centres(size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
 def distance_attention(out_size: tuple[int, int], grid: tuple[int, int], sigma: float = 0.5,
                        chunk: int = DEFAULT_CHUNK, dtype=torch.float32) -> LazyAttention:
     """Softmax over tokens of ``-d^2 / (2 sigma^2)``, ``d`` the distance (in token cells) from
-    the pixel centre to the token centre: the attention of a plain (non-learned) upsampler."""
+    the pixel centre to the token centre: the attention of a plain (non-learned) upsampler.
+
+    Computed separably: ``exp(-(dy^2 + dx^2) s)`` is ``exp(-dy^2 s) exp(-dx^2 s)`` and the sum
+    over the token grid factorises the same way, so a row is the outer product of a softmax over
+    the ``h`` token rows and one over the ``w`` token columns (``h + w`` exponentials per pixel
+    instead of ``h w``; equal to the direct softmax up to rounding, see the tests)."""
     H, W = out_size
     h, w = grid
-    pix = token_centres((h, w), (H, W)).to(dtype)      # pixel centres in token units
-    tok = token_centres((h, w), (h, w)).to(dtype)      # token centres in token units
     scale = 1.0 / (2.0 * float(sigma) ** 2)
+    # pixel centres in token units, as token_centres((h, w), (H, W)) gives them, one axis each
+    py = (torch.arange(H, dtype=torch.float64) + 0.5) * (h / H)
+    px = (torch.arange(W, dtype=torch.float64) + 0.5) * (w / W)
+    ty = torch.arange(h, dtype=torch.float64) + 0.5
+    tx = torch.arange(w, dtype=torch.float64) + 0.5
+    ay = torch.softmax(-scale * (py[:, None] - ty[None]).square(), dim=1).to(dtype)   # (H, h)
+    ax = torch.softmax(-scale * (px[:, None] - tx[None]).square(), dim=1).to(dtype)   # (W, w)
 
     def rows_fn(start, stop):
-        d2 = torch.cdist(pix[start:stop], tok).square()
-        return torch.softmax(-scale * d2, dim=1)
+        idx = torch.arange(start, stop)
+        return (ay[idx // W][:, :, None] * ax[idx % W][:, None, :]).reshape(stop - start, h * w)
 
     return LazyAttention(rows_fn, (H, W), (h, w), chunk=chunk)
 
