@@ -12,8 +12,10 @@ own).
 Rows, per channel count ``C`` (``--channels``, default 320 = the stand-in's width, and 1024 =
 DINOv3-L's):
 
-* ``cafe``: all three stages, for each ``--precision`` (``auto``, the default, labels equal
-  to float32's; ``bfloat16_unchecked``, no float32 re-check of near ties) (``CAFE().hierarchy``): seconds per stage, the pixel-by-prototype
+* ``cafe``: all three stages, for each ``--precision`` (``auto``, the default: bfloat16
+  products, near ties re-checked in float32, so that for a given dictionary the labels are
+  float32's, while the seeding picks each token's pixel within bfloat16 resolution;
+  ``bfloat16_unchecked``, no float32 re-check of near ties) (``CAFE().hierarchy``): seconds per stage, the pixel-by-prototype
   multiply-adds performed (seeding ``n N C``, every stage-1 pass ``N K_i C``, stage 2
   ``N K' C``), the rate they ran at, and the machine's bfloat16 and float32 matrix-product
   rates measured in the same run on the same shapes (``(8192 x C) @ (C x n)``); peak added

@@ -55,8 +55,10 @@ __all__ = [
     "pooled_attention",
 ]
 
-# Pixels per chunk of every pass over the features.
-CHUNK = 8192
+# Pixels per chunk of every pass over the features: a chunk's scores against 1200 prototypes
+# (about 5 MB in bfloat16, 10 MB in float32) stay near the cache; converting an 8192-pixel
+# chunk's scores to float32 cost 5x more per pixel here (benchmarks/cafe.py, primitives row).
+CHUNK = 2048
 # Fewer prototypes than this: float32 products (cheap) instead of bfloat16 + re-checks.
 FAST_MIN_K = 64
 # bfloat16 has 8 significant bits: a dot product of unit vectors computed from rounded inputs
@@ -128,6 +130,7 @@ class PixelFeatures:
         self.chunk = int(chunk)
         self.N = self.X.shape[1]
         self.fast = None
+        self._chunk_key, self._chunk_rows = None, None
         if self.dt != torch.float32:
             self.fast = torch.empty(self.N, self.X.shape[0], dtype=self.dt, device=self.device)
             for s in range(0, self.N, self.chunk):
@@ -140,6 +143,14 @@ class PixelFeatures:
 
     def exact_index(self, idx: torch.Tensor) -> torch.Tensor:
         return _unit_rows(self.X[:, idx.cpu()].T.to(device=self.device, dtype=torch.float32))
+
+    def exact_in_chunk(self, s: int, e: int, i: torch.Tensor) -> torch.Tensor:
+        """float32 unit rows ``s + i`` of chunk ``s:e``: the chunk's rows are made once (a
+        contiguous slice of ``features``) and kept until another chunk is asked for, which is
+        cheaper than gathering scattered columns when many rows of a chunk are re-checked."""
+        if self._chunk_key != (s, e):
+            self._chunk_key, self._chunk_rows = (s, e), self.exact(s, e)
+        return self._chunk_rows[i.to(self._chunk_rows.device)]
 
     def use_fast(self, K: int) -> bool:
         """bfloat16 products against ``K`` prototypes: only when there is a bfloat16 copy and
@@ -207,8 +218,8 @@ def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
             out[s:e] = (x @ Dn.T).max(dim=1).indices.cpu()
             continue
         out[s:e] = _best_with_check(
-            x @ Df.T, lambda i, s=s: P.exact_index(i + s) @ Dn.T,
-            lambda i, c, s=s: torch.einsum("rc,rkc->rk", P.exact_index(i + s), Dn[c]),
+            x @ Df.T, lambda i, s=s, e=e: P.exact_in_chunk(s, e, i) @ Dn.T,
+            lambda i, c, s=s, e=e: torch.einsum("rc,rkc->rk", P.exact_in_chunk(s, e, i), Dn[c]),
             P.check).cpu()
     return out
 
@@ -477,10 +488,10 @@ def attention_guided_grouping(features, lowres: torch.Tensor, attention,
                 continue
             fast = (P.fast[s2:e2] @ Df.T).float().mul_(alpha).add_(agc, alpha=beta)
             labels[s2:e2] = _best_with_check(
-                fast, lambda i, s2=s2, agc=agc: alpha * (P.exact_index(i + s2) @ Dn.T)
+                fast, lambda i, s2=s2, e2=e2, agc=agc: alpha * (P.exact_in_chunk(s2, e2, i) @ Dn.T)
                 + beta * agc[i],
-                lambda i, c, s2=s2, agc=agc: alpha * torch.einsum(
-                    "rc,rkc->rk", P.exact_index(i + s2), Dn[c]) + beta * agc[i].gather(1, c),
+                lambda i, c, s2=s2, e2=e2, agc=agc: alpha * torch.einsum(
+                    "rc,rkc->rk", P.exact_in_chunk(s2, e2, i), Dn[c]) + beta * agc[i].gather(1, c),
                 P.check).cpu()
     return AGGResult(labels=labels.reshape(P.shape[1:]).numpy(),
                      token_to_prototype=token_to_prototype)
