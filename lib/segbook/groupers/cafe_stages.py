@@ -173,29 +173,33 @@ def _prepare(features, precision, device) -> PixelFeatures:
 
 def _best_with_check(fast: torch.Tensor, exact_fn, exact_cols_fn=None,
                      check: bool = True) -> torch.Tensor:
-    """Argmax of the rows of ``fast`` (bfloat16 scores). With ``check``, rows whose two best
-    scores are within ``_AMBIGUOUS`` are recomputed in float32: against their 4 best
-    candidates (``exact_cols_fn(rows, cols) -> (rows, 4)``) when the 5th is clearly worse,
-    else against every column (``exact_fn(rows) -> (rows, K)``)."""
+    """Argmax of the rows of ``fast`` (bfloat16 scores, or float32 ones made from bfloat16
+    products). With ``check``, rows whose two best scores are within ``_AMBIGUOUS`` are
+    recomputed in float32: against their 4 best candidates (``exact_cols_fn(rows, cols) ->
+    (rows, 4)``) when the 5th is clearly worse, else against every column (``exact_fn(rows) ->
+    (rows, K)``). ``fast`` may be overwritten.
+
+    The two best scores come from a float32 row maximum, the winner masked out in place and a
+    second maximum (cheaper here than ``topk(2)``, benchmarks/cafe.py)."""
     K = fast.shape[1]
     if K == 1:
         return torch.zeros(fast.shape[0], dtype=torch.long, device=fast.device)
     if not check:
         return fast.max(dim=1).indices
-    top = fast.topk(2, dim=1)
-    best = top.indices[:, 0].clone()
-    amb = (top.values[:, 0].float() - top.values[:, 1].float()) < _AMBIGUOUS
+    scores = fast if fast.dtype == torch.float32 else fast.float()
+    first, best = scores.max(dim=1)
+    scores.scatter_(1, best[:, None], float("-inf"))
+    amb = (first - scores.amax(dim=1)) < _AMBIGUOUS
     if amb.any():
         idx = amb.nonzero().squeeze(1)
-        sub = fast[idx]
         i_all = idx
         if exact_cols_fn is not None and K >= 5:
-            top = sub.topk(5, dim=1)
-            v = top.values.float()
-            few = (v[:, 0] - v[:, 4]) >= _AMBIGUOUS
+            # the winner plus the 4 best of the rest (the winner is masked in ``scores``)
+            rest = scores[idx].topk(4, dim=1)
+            few = (first[idx] - rest.values[:, 3]) >= _AMBIGUOUS
             i_few, i_all = idx[few], idx[~few]
             if len(i_few):
-                cols = top.indices[few, :4]
+                cols = torch.cat([best[i_few, None], rest.indices[few, :3]], dim=1)
                 best[i_few] = cols.gather(1, exact_cols_fn(i_few, cols).argmax(dim=1,
                                                                               keepdim=True))[:, 0]
         if len(i_all):
@@ -408,6 +412,7 @@ def check_attention_rows(attention, renormalise: bool, atol: float = 1e-3):
 class _CheckedAttention:
     def __init__(self, inner, renormalise, atol):
         self.inner, self.renormalise, self.atol = inner, bool(renormalise), float(atol)
+        self._checked = False
         self.shape = inner.shape
         self.out_size, self.grid = inner.out_size, inner.grid
 
@@ -433,8 +438,14 @@ class _CheckedAttention:
         return a
 
     def chunks(self):
+        # rows are recomputed the same way on every pass: once a whole pass has been checked,
+        # later passes are not checked again (renormalising still divides every pass)
+        if self._checked and not self.renormalise:
+            yield from self.inner.chunks()
+            return
         for s, e, a in self.inner.chunks():
             yield s, e, self._fix(a)
+        self._checked = True
 
     def argmax(self):
         out = torch.empty(self.shape[0], dtype=torch.long)
