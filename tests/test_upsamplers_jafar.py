@@ -101,11 +101,9 @@ def test_official_checkpoint_loads_and_matches_torch_multihead_attention(tmp_pat
     assert torch.allclose(up.attention.dense(), weights[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("spare", [200 << 20, 0])   # keep a copy of the encoding / encode twice
-def test_lazy_path_equals_the_materialising_reference_in_small_chunks(spare, monkeypatch):
+def test_lazy_path_equals_the_materialising_reference_in_small_chunks(monkeypatch):
     import segbook.upsamplers.jafar as jafar_module
 
-    monkeypatch.setattr(jafar_module, "_SPARE_BYTES", spare)
     monkeypatch.setattr(jafar_module, "_SMALL_BYTES", 0)   # the in-place path even for tiny maps
     monkeypatch.setattr(jafar_module, "_ENCODER_CHUNK_PIXELS", 100)   # several encoder chunks
     torch.manual_seed(1)
@@ -126,6 +124,40 @@ def test_lazy_path_equals_the_materialising_reference_in_small_chunks(spare, mon
         G = torch.randn(12, 3)
         assert torch.allclose(A @ G, ref_A @ G, atol=1e-5)
         assert torch.allclose(A.dense().sum(1), torch.ones(A.shape[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("image_size, out_size, grid", [((37, 53), (37, 53), (5, 7)),
+                                                         ((30, 40), (45, 60), (3, 4)),
+                                                         ((45, 60), (30, 40), (3, 4))])
+def test_streamed_large_path_recomputes_queries_and_equals_the_reference(
+        image_size, out_size, grid, kernel_size, monkeypatch):
+    """The large-image path holds no query map: every GroupNorm's statistics are made once in
+    chunked passes, the keys pooled band by band, and each chunk's queries recomputed from the
+    image (pooling windows, the 3x3 conv's halo rows). Odd sizes, bands of a few rows, chunks
+    under one row and rows asked for out of order must all give the reference."""
+    import segbook.upsamplers.jafar as jafar_module
+
+    monkeypatch.setattr(jafar_module, "_SMALL_BYTES", 0)
+    monkeypatch.setattr(jafar_module, "_ENCODER_CHUNK_PIXELS", 3 * image_size[1] + 5)
+    torch.manual_seed(6)
+    model = _perturbed(JAFAR(v_dim=V, qk_dim=QK, num_heads=HEADS, kernel_size=kernel_size), seed=7)
+    n_keys = grid[0] * grid[1]
+    model.chunk_elements = HEADS * n_keys * 2 * 11    # 11 query pixels a chunk (one row)
+    image, lowres = torch.rand(3, *image_size), torch.randn(V, *grid)
+    ref_out, ref_A = model.reference(image, lowres, out_size)
+    up = model(image, lowres, out_size)
+    assert up.features.shape == (V, *out_size)
+    assert (up.features - ref_out).abs().max() <= 1e-5
+    A = up.attention
+    assert A.shape == (out_size[0] * out_size[1], n_keys)
+    assert (A.dense() - ref_A).abs().max() <= 1e-5
+    idx = [A.shape[0] - 1, 0, 5, out_size[1] * 7 + 3, out_size[1] - 1, out_size[1]]
+    assert (A.rows(idx) - ref_A[idx]).abs().max() <= 1e-5
+    assert torch.allclose(A @ torch.eye(n_keys), ref_A, atol=1e-5)
+    # the tokens of several rows at once (a chunk larger than a band)
+    big = jafar_module.LazyAttention(A._rows_fn, out_size, grid, chunk=out_size[1] * 9 + 4)
+    assert (big.dense() - ref_A).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

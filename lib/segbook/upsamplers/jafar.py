@@ -27,11 +27,14 @@ Two ways to run the same weights:
 * ``model(images (B, 3, H0, W0), feats (B, C, h, w), (H, W))`` -> ``(B, C, H, W)``, differentiable,
   materialising every head's attention (JAFAR's own way; training and the tests' reference).
 * ``model(image (3, H0, W0), lowres (C, h, w), (H, W))`` -> :class:`~segbook.upsamplers.base.Upsampled`
-  (the :class:`~segbook.upsamplers.base.Upsampler` protocol), memory-bounded: no gradient, the
-  encoders run in place over row chunks (GroupNorm statistics accumulated in a first pass),
-  the queries are made and used one chunk of output pixels at a time, and ``A`` is returned as
-  a :class:`~segbook.upsamplers.base.LazyAttention` that recomputes its rows on demand. Peak
-  memory beyond the output is one ``d_qk x H0 x W0`` map plus one chunk.
+  (the :class:`~segbook.upsamplers.base.Upsampler` protocol), memory-bounded: no gradient;
+  for a large image every GroupNorm's statistics are computed once, in sequential passes over
+  bands of guidance rows, and the pooled key map is accumulated band by band; then the queries
+  of each band of output rows are *recomputed from the image* when needed (the guidance rows
+  of their pooling windows through the encoders, plus the 3x3 conv's halo rows), and ``A`` is
+  returned as a :class:`~segbook.upsamplers.base.LazyAttention` that recomputes its rows on
+  demand the same way. No ``d_qk x H0 x W0`` or ``d_qk x H x W`` map is held: peak memory
+  beyond the output is one chunk (an attention chunk or one band's encoder temporaries).
 
 Images are given in ``[0, 1]``; the model applies ImageNet's normalisation itself (JAFAR was
 trained on ImageNet-normalised images).
@@ -76,15 +79,12 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Query rows x heads x keys per attention chunk, in elements: 4 Mi floats = 16 MiB of logits
-# (and as much for the softmax); a chunk is at least one row of output pixels.
+# Query pixels x heads x keys per attention chunk, in elements: 4 Mi floats = 16 MiB of logits
+# (and as much for the softmax); a chunk is whole output rows when one row fits, else part of one.
 _CHUNK_ELEMENTS = 1 << 22
-# Pixels processed at once by the in-place encoders (16 Ki x 128 channels = 8 MiB a temporary).
+# Pixels per band of the streamed encoders (16 Ki x 128 channels = 8 MiB a temporary).
 _ENCODER_CHUNK_PIXELS = 1 << 14
 _GN_EPS = 1e-5
-# Two image-sized maps (the encoding and a copy for the keys) are kept when they fit in this;
-# beyond it the image is encoded twice (slower, half the memory).
-_SPARE_BYTES = 200 << 20
 # An image map up to this size is encoded with the plain modules (as the reference does).
 _SMALL_BYTES = 32 << 20
 
@@ -225,7 +225,7 @@ class CrossAttentionScores(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# in-place, chunked encoders (inference)
+# streamed encoders (inference): any band of rows recomputed from the image
 # ------------------------------------------------------------------------------------------
 
 def _group_stats(sum_, sumsq, count):
@@ -256,41 +256,146 @@ def _pointwise(conv: nn.Conv2d, x):
     return conv.weight[:, :, 0, 0].to(x.dtype) @ x
 
 
-def _full_stats(x, groups, step):
-    C, n = x.shape
-    acc = [torch.zeros(groups, dtype=torch.float64, device=x.device) for _ in range(2)]
-    for s in range(0, n, step):
-        _accumulate(acc, x[:, s:s + step], groups)
-    return _group_stats(acc[0], acc[1], (C // groups) * n)
+def _pool_weights(out_rows: range, in_rows: range, n_in: int, n_out: int, like: torch.Tensor):
+    """Weights ``(len(out_rows), len(in_rows))`` of adaptive average pooling ``n_in -> n_out``
+    along one axis: output ``i`` averages inputs ``floor(i n_in / n_out) .. ceil((i+1) n_in / n_out)``."""
+    i = torch.arange(out_rows.start, out_rows.stop, device=like.device)
+    lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    g = torch.arange(in_rows.start, in_rows.stop, device=like.device)
+    inside = (g[None] >= lo[:, None]) & (g[None] < hi[:, None])
+    return inside.to(like.dtype) / (hi - lo)[:, None].to(like.dtype)
 
 
-@torch.no_grad()
-def _resblock_inplace(block: ResBlock, x: torch.Tensor, step: int) -> None:
-    """``x <- block(x)`` for ``x`` ``(C, n)``, one chunk of ``step`` tokens at a time: the first
-    norm's statistics from ``x``, the second's accumulated over a pass that recomputes the
-    branch, then the residual added in place (peak: ``x`` + a chunk)."""
-    groups = block.norm1.num_groups
-    C, n = x.shape
-    m1, r1 = _full_stats(x, groups, step)
-
-    def branch(chunk):
-        return _pointwise(block.conv1, F.silu(_apply_group_norm(
-            chunk, m1, r1, groups, block.norm1.weight, block.norm1.bias), inplace=True))
-
-    acc = [torch.zeros(groups, dtype=torch.float64, device=x.device) for _ in range(2)]
-    for s in range(0, n, step):
-        _accumulate(acc, branch(x[:, s:s + step]), groups)
-    m2, r2 = _group_stats(acc[0], acc[1], (C // groups) * n)
-    for s in range(0, n, step):
-        h = branch(x[:, s:s + step])
-        x[:, s:s + step] += _pointwise(block.conv2, F.silu(_apply_group_norm(
-            h, m2, r2, groups, block.norm2.weight, block.norm2.bias), inplace=True))
+def _window(rows: range, n_in: int, n_out: int) -> range:
+    """The input rows that adaptive pooling ``n_in -> n_out`` reads for the output ``rows``."""
+    return range(rows.start * n_in // n_out, -((-rows.stop * n_in) // n_out))
 
 
-@torch.no_grad()
-def _encoder_tail_inplace(encoder: nn.Sequential, x: torch.Tensor, step: int) -> None:
-    for block in list(encoder)[1:]:
-        _resblock_inplace(block, x, step)
+class _StreamedEncoders:
+    """JAFAR's encoders recomputed from the image for any band of rows (no gradient).
+
+    Everything in the query/key path is per pixel except (a) the GroupNorms, which need
+    whole-image statistics, (b) the adaptive average pooling, whose output rows read windows of
+    guidance rows, (c) the image encoder's first conv (``k x k``, reflect padding) and the
+    queries' 3x3 conv (one halo row each side). So the statistics of every GroupNorm are
+    computed once here, layer after layer, in sequential passes over bands of guidance rows
+    (a pass recomputes the encoders up to the first layer whose statistics are still unknown),
+    and stored: two floats per group and layer. The pooled key map ``(d, h, w)`` is accumulated
+    band by band in the last pass. After that :meth:`query_rows` makes the conv'd queries of any
+    band of output rows from the image alone, so no ``d x H0 x W0`` (or ``d x H x W``) map is
+    ever held: peak memory is one band's temporaries (about ``_ENCODER_CHUNK_PIXELS`` pixels x
+    ``d`` channels each).
+    """
+
+    def __init__(self, model: JAFAR, image: torch.Tensor, out_size, grid):
+        for enc in (model.key_encoder, model.query_encoder):
+            if enc[0].weight.shape[-1] != 1:
+                raise ValueError("the key/query encoders' first conv must be 1x1")
+        self.model = model
+        self.H0, self.W0 = image.shape[-2:]
+        (self.H, self.W), (self.h, self.w) = out_size, grid
+        x = model._normalise(image[None].to(model.mean.device, model.rope.freqs.dtype))
+        self.pad = model.image_encoder[0].kernel_size[0] // 2
+        # the first conv's reflect padding, done once on the (3-channel) image
+        self.image = F.pad(x, (self.pad,) * 4, mode="reflect") if self.pad else x
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        names = [f"{p}.{i}.{j}" for p, enc in (("image", model.image_encoder),
+                                               ("query", model.query_encoder),
+                                               ("key", model.key_encoder))
+                 for i in range(len(enc) - 1) for j in (1, 2)]
+        band = max(1, _ENCODER_CHUNK_PIXELS // self.W0)   # guidance rows per band
+        while not self.stats.keys() >= set(names):        # one pass per layer depth
+            acc: dict = {}
+            for g0 in range(0, self.H0, band):
+                E = self._trunk(range(g0, min(self.H0, g0 + band)), acc)
+                if E is not None:
+                    self._branch("query", model.query_encoder, E, acc)
+                    self._branch("key", model.key_encoder, E, acc)
+            self.stats.update({k: _group_stats(*v) for k, v in acc.items()})
+        self.keys = self._final_pass()
+
+    # -- one band of rows through the encoders ------------------------------------------------
+    def _norm(self, name, x, gn: nn.GroupNorm | None, acc, groups=8):
+        """GroupNorm ``name`` of ``x`` ``(C, n)`` with the stored statistics; while they are
+        unknown, accumulate ``x`` into ``acc`` and return None (the pass stops there)."""
+        if name in self.stats:
+            mean, rstd = self.stats[name]
+            return _apply_group_norm(x, mean, rstd, groups, *((gn.weight, gn.bias) if gn else ()))
+        if acc is not None:
+            if name not in acc:
+                acc[name] = [torch.zeros(groups, dtype=torch.float64, device=x.device),
+                             torch.zeros(groups, dtype=torch.float64, device=x.device), 0]
+            _accumulate(acc[name], x, groups)
+            acc[name][2] += (x.shape[0] // groups) * x.shape[1]
+        return None
+
+    def _blocks(self, prefix, encoder, x, acc):
+        for i, block in enumerate(list(encoder)[1:]):
+            a = self._norm(f"{prefix}.{i}.1", x, block.norm1, acc, block.norm1.num_groups)
+            if a is None:
+                return None
+            h = _pointwise(block.conv1, F.silu(a, inplace=True))
+            b = self._norm(f"{prefix}.{i}.2", h, block.norm2, acc, block.norm2.num_groups)
+            if b is None:
+                return None
+            x = x + _pointwise(block.conv2, F.silu(b, inplace=True))
+        return x
+
+    def _trunk(self, rows: range, acc=None):
+        """``rope(image_encoder(image))`` of guidance ``rows`` as ``(d, n rows x W0)``."""
+        m = self.model
+        src = self.image[:, :, rows.start: rows.stop + 2 * self.pad]
+        x = F.conv2d(src, m.image_encoder[0].weight.to(src.dtype))[0].flatten(1)
+        x = self._blocks("image", m.image_encoder, x, acc)
+        if x is None:
+            return None
+        return m.rope.apply(x[None], m.rope.angles(self.H0, self.W0, slice(rows.start, rows.stop),
+                                                   device=x.device))[0]
+
+    def _branch(self, prefix, encoder, E, acc=None):
+        return self._blocks(prefix, encoder, _pointwise(encoder[0], E), acc)
+
+    def _pooled_queries(self, rows: range):
+        """``adaptive_avg_pool(query_encoder(E), (H, W))`` of output ``rows`` ``(d, n, W)``: the
+        guidance rows of their pooling windows are recomputed; also returns ``E`` of them."""
+        g = _window(rows, self.H0, self.H)
+        E = self._trunk(g)
+        q = self._branch("query", self.model.query_encoder, E).reshape(-1, len(g), self.W0)
+        q = F.adaptive_avg_pool2d(q[None], (len(g), self.W))[0]          # columns
+        return torch.einsum("ig,dgw->diw", _pool_weights(rows, g, self.H0, self.H, q), q), E, g
+
+    def _final_pass(self):
+        """Statistics of the pooled queries' GroupNorm and the pooled key map, band by band."""
+        m, W0 = self.model, self.W0
+        band = max(1, _ENCODER_CHUNK_PIXELS // max(self.W, self.W0 * -(-self.H0 // self.H)))
+        acc: dict = {}
+        keys = None
+        for r0 in range(0, self.H, band):
+            rows = range(r0, min(self.H, r0 + band))
+            q, E, g = self._pooled_queries(rows)
+            self._norm("pooled", q.reshape(q.shape[0], -1), None, acc)
+            # each guidance row goes to the keys once: the band's own rows
+            own = range(rows.start * self.H0 // self.H,
+                        self.H0 if rows.stop == self.H else rows.stop * self.H0 // self.H)
+            if not len(own):
+                continue
+            E = E[:, (own.start - g.start) * W0: (own.stop - g.start) * W0]
+            k = self._branch("key", m.key_encoder, E).reshape(-1, len(own), W0)
+            k = F.adaptive_avg_pool2d(k[None], (len(own), self.w))[0]     # columns
+            part = torch.einsum("ig,dgw->diw", _pool_weights(range(self.h), own, self.H0, self.h, k), k)
+            keys = part if keys is None else keys.add_(part)
+        self.stats.update({k: _group_stats(*v) for k, v in acc.items()})
+        return keys
+
+    def query_rows(self, rows: range) -> torch.Tensor:
+        """The conv'd queries ``(d, len(rows) W)`` of output ``rows``: pooled queries of the rows
+        and one halo row each side, GroupNorm (stored statistics), 3x3 conv (zero padding)."""
+        halo = range(max(0, rows.start - 1), min(self.H, rows.stop + 1))
+        q, _, _ = self._pooled_queries(halo)
+        d = q.shape[0]
+        q = self._norm("pooled", q.reshape(d, -1), None, None).reshape(d, len(halo), self.W)
+        q = F.pad(q, (1, 1, int(halo.start == rows.start), int(halo.stop == rows.stop)))
+        return F.conv2d(q[None], self.model.cross_decode.conv2d.weight.to(q.dtype))[0].reshape(d, -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -403,63 +508,6 @@ class JAFAR(nn.Module):
 
     # -- memory-bounded ---------------------------------------------------------------------
     @torch.no_grad()
-    def _image_encoding(self, image: torch.Tensor) -> torch.Tensor:
-        """``rope(image_encoder(image))`` as ``(d, H0 W0)``, the residual blocks run in place."""
-        x = self._normalise(image[None].to(self.mean.device, self.rope.freqs.dtype))
-        E = self.image_encoder[0](x)[0]  # the first conv may be k x k: run it whole
-        d, H0, W0 = E.shape
-        x = E.reshape(d, H0 * W0)
-        step = max(W0, _ENCODER_CHUNK_PIXELS // W0 * W0)
-        _encoder_tail_inplace(self.image_encoder, x, step)
-        rows = max(1, step // W0)
-        for r in range(0, H0, rows):
-            sl = slice(r, min(H0, r + rows))
-            part = x[:, sl.start * W0: sl.stop * W0]
-            part.copy_(self.rope.apply(part[None], self.rope.angles(H0, W0, sl, device=x.device))[0])
-        return x
-
-    @staticmethod
-    def _encode_inplace(encoder: nn.Sequential, x: torch.Tensor, W0: int) -> torch.Tensor:
-        """``encoder(x)`` for ``x`` ``(d, H0 W0)``, overwriting ``x`` (1x1 first conv only)."""
-        if encoder[0].weight.shape[-1] != 1:
-            raise ValueError("the key/query encoders' first conv must be 1x1")
-        step = max(W0, _ENCODER_CHUNK_PIXELS // W0 * W0)
-        for s in range(0, x.shape[1], step):   # a 1x1 conv: each chunk depends on itself only
-            x[:, s:s + step] = _pointwise(encoder[0], x[:, s:s + step])
-        _encoder_tail_inplace(encoder, x, step)
-        return x
-
-    @torch.no_grad()
-    def _queries_and_keys_inplace(self, image, condition, out_size, grid):
-        """The large-image path: conv'd queries ``(d, H W)`` and projected keys, built in place
-        (at most two ``d x H0 x W0`` maps, one when they would not fit in ``_SPARE_BYTES``)."""
-        model = self
-        (H, W), (h, w) = out_size, grid
-        H0, W0 = image.shape[-2:]
-        E = model._image_encoding(image)
-        if 2 * E.numel() * E.element_size() <= _SPARE_BYTES:
-            keymap = model._encode_inplace(model.key_encoder, E.clone(), W0)  # time over memory
-        else:   # one map at a time: keys first, then the image encoded again
-            keymap, E = model._encode_inplace(model.key_encoder, E, W0), None
-        keys = F.adaptive_avg_pool2d(keymap.reshape(1, -1, H0, W0), (h, w))
-        del keymap
-        k = model._keys(keys, condition)[0]                       # (heads, hw, dh)
-        if E is None:
-            E = model._image_encoding(image)
-        qmap = model._encode_inplace(model.query_encoder, E, W0).reshape(-1, H0, W0)
-        del E
-        if qmap.shape[-2:] != (H, W):
-            qmap = F.adaptive_avg_pool2d(qmap[None], (H, W))[0]
-        d = qmap.shape[0]
-        flat = qmap.reshape(d, H * W)
-        mean, rstd = _full_stats(flat, 8, max(W, _ENCODER_CHUNK_PIXELS))
-        for s in range(0, H * W, _ENCODER_CHUNK_PIXELS):
-            flat[:, s:s + _ENCODER_CHUNK_PIXELS] = _apply_group_norm(
-                flat[:, s:s + _ENCODER_CHUNK_PIXELS], mean, rstd, 8)
-        _conv3x3_inplace(qmap, model.cross_decode.conv2d.weight, max(1, _ENCODER_CHUNK_PIXELS // W))
-        return qmap.reshape(d, H * W), k
-
-    @torch.no_grad()
     def upsample(self, image: torch.Tensor, lowres: torch.Tensor, out_size,
                  dtype: torch.dtype | None = None) -> Upsampled:
         """The :class:`~segbook.upsamplers.base.Upsampler` protocol, memory-bounded.
@@ -495,16 +543,38 @@ class JAFAR(nn.Module):
             q = F.group_norm(F.adaptive_avg_pool2d(model.query_encoder(E), (H, W)), 8, eps=_GN_EPS)
             flat = cd.conv2d(q)[0].reshape(model.qk_dim, H * W)
             del E, q
+
+            def queries(start, stop):
+                return flat[:, start:stop].T
         else:
-            flat, k = model._queries_and_keys_inplace(image.to(work), condition, (H, W), (h, w))
+            # a large image: nothing image-sized is kept; the queries of each band of output
+            # rows are recomputed from the image when asked for (see _StreamedEncoders)
+            stream = _StreamedEncoders(model, image.to(work), (H, W), (h, w))
+            k = model._keys(stream.keys[None], condition)[0]
+            band = max(1, _ENCODER_CHUNK_PIXELS // W)     # output rows of queries made at once
+            cache = {"rows": range(0), "q": None}
+
+            def queries(start, stop):
+                """Conv'd query tokens ``(stop - start, d)``; the band of output rows holding
+                them is recomputed unless it is the last one made (chunks come in order)."""
+                need = range(start // W, (stop - 1) // W + 1)
+                have = cache["rows"]
+                if not (have.start <= need.start and need.stop <= have.stop):
+                    have = range(need.start, min(H, max(need.stop, need.start + band)))
+                    cache["rows"], cache["q"] = have, None     # drop the old band first
+                    cache["q"] = stream.query_rows(have)
+                off = have.start * W
+                return cache["q"][:, start - off:stop - off].T
         V = values[0].flatten(1).T.contiguous()                  # (hw, C)
         n_keys = h * w
-        chunk_rows = min(H * W, max(1, self.chunk_elements // (self.num_heads * n_keys * 2) // W) * W)
+        # query pixels per attention chunk: whole output rows when a row fits in chunk_elements,
+        # else part of a row (at 64 x 64 keys one row's logits alone would be 64 MiB)
+        chunk_rows = max(1, self.chunk_elements // (self.num_heads * n_keys * 2))
+        chunk_rows = min(H * W, chunk_rows // W * W if chunk_rows >= W else chunk_rows)
 
         @torch.no_grad()
         def rows_fn(start, stop):
-            q = flat[:, start:stop].T
-            return cd.averaged_softmax(cd.project_q(q), k)
+            return cd.averaged_softmax(cd.project_q(queries(start, stop)), k)
 
         att = LazyAttention(rows_fn, (H, W), (h, w), chunk=chunk_rows)
         C = V.shape[1]
@@ -534,20 +604,6 @@ class JAFAR(nn.Module):
 
     def num_live_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-@torch.no_grad()
-def _conv3x3_inplace(x: torch.Tensor, weight: torch.Tensor, rows: int) -> None:
-    """``x <- conv3x3(x)`` (zero padding, no bias) for ``x`` ``(d, H, W)``, ``rows`` rows at a
-    time, keeping only the input row above the block and the one below it."""
-    d, H, W = x.shape
-    above = x.new_zeros(d, 1, W)
-    for r0 in range(0, H, rows):
-        r1 = min(H, r0 + rows)
-        below = x[:, r1:r1 + 1].clone() if r1 < H else x.new_zeros(d, 1, W)
-        src = torch.cat([above, x[:, r0:r1], below], 1)
-        above = x[:, r1 - 1:r1].clone()
-        x[:, r0:r1] = F.conv2d(F.pad(src[None], (1, 1, 0, 0)), weight)[0]
 
 
 def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
