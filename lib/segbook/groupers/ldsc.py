@@ -970,7 +970,7 @@ class LayerDistributedSpectralClustering(_grouper_base()):
 
     def _segment(self, source, out_size, image, dev, clock):
         from segbook.pipelines.groupers import _out_size
-        from segbook.pipelines.upsample import nearest_upsample
+        from segbook.upsamplers.labels import nearest_upsample
         clock.times.setdefault("solve", 0.0)
         clock.times.setdefault("decode", 0.0)
         with clock.step("solve"):

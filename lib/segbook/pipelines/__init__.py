@@ -7,8 +7,8 @@
   :class:`DiffCut`, :class:`KMeansGrouper` with one ``fit_predict(source, out_size, image)``;
   :func:`segment_with` (by name) and :func:`compare_methods` (one capture, several groupers).
 * :mod:`segbook.pipelines.synthetic` - planted-region attention with a known answer.
-* :mod:`segbook.pipelines.upsample` - paper 1's cosine upsampling and DiffCut's dot-product
-  upsampling without forming the upsampled rows.
+* :mod:`segbook.upsamplers.labels` (re-exported here) - paper 1's cosine upsampling and
+  DiffCut's dot-product upsampling without forming the upsampled rows.
 """
 
 from segbook.pipelines.groupers import (
@@ -23,14 +23,6 @@ from segbook.pipelines.groupers import (
     split_hierarchy,
 )
 from segbook.pipelines.synthetic import planted_attention, planted_scene
-from segbook.pipelines.upsample import (
-    cosine_upsample,
-    cosine_upsample_bruteforce,
-    dot_upsample,
-    nearest_upsample,
-    segment_means,
-    upsampled_row_norms,
-)
 from segbook.pipelines.walk_and_cut import (
     SegmentationResult,
     WalkAffinity,
@@ -41,6 +33,14 @@ from segbook.pipelines.walk_and_cut import (
     run_batch,
     segment_attention,
     walk_and_cut,
+)
+from segbook.upsamplers.labels import (
+    cosine_upsample,
+    cosine_upsample_bruteforce,
+    dot_upsample,
+    nearest_upsample,
+    segment_means,
+    upsampled_row_norms,
 )
 
 __all__ = [

@@ -33,7 +33,6 @@ from segbook.groupers.diffcut import diffcut_segment
 from segbook.groupers.diffseg import DiffSeg
 from segbook.groupers.kmeans import kmeans_silhouette
 from segbook.groupers.ncut import NCutResult
-from segbook.pipelines.upsample import cosine_upsample, dot_upsample, nearest_upsample
 from segbook.pipelines.walk_and_cut import (
     SegmentationResult,
     WalkAndCutConfig,
@@ -47,6 +46,7 @@ from segbook.pipelines.walk_and_cut import (
     peak_memory,
     segment_attention,
 )
+from segbook.upsamplers.labels import cosine_upsample, dot_upsample, nearest_upsample
 
 __all__ = ["GROUPERS", "DiffCut", "DiffSegGrouper", "KMeansGrouper", "WalkAndCut",
            "compare_methods", "resolve_device", "segment_with", "split_hierarchy"]

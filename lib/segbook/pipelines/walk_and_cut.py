@@ -43,7 +43,7 @@ from segbook.graphs.attention import (
 )
 from segbook.graphs.operators import FactoredAffinity
 from segbook.groupers.ncut import STOP_RULES, random_walk_ncut, recursive_ncut
-from segbook.pipelines.upsample import cosine_upsample, nearest_upsample
+from segbook.upsamplers.labels import cosine_upsample, nearest_upsample
 
 __all__ = ["SegmentationResult", "WalkAffinity", "WalkAndCutConfig", "WalkAndCutResult",
            "capture_attention", "peak_memory", "run_batch",
