@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from segbook.errors import GraphError
+from segbook.groupers import cafe_native
 
 __all__ = [
     "AGGResult",
@@ -107,6 +108,18 @@ def check_finite(x: torch.Tensor, what: str) -> None:
                          "backbone and the upsampler's output)")
 
 
+def native_available(native: bool | None = None) -> bool:
+    """Whether CAFE's passes use the compiled reductions: ``native`` True/False forces the
+    choice (True raises when they cannot be built), None uses them when available."""
+    if native is False:
+        return False
+    ok = cafe_native.available()
+    if native and not ok:
+        raise RuntimeError("CAFE's compiled kernels are unavailable (no C++ compiler, or "
+                           "SEGBOOK_NATIVE=0); pass native=None to fall back to torch")
+    return ok
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     # a zero feature vector has no direction: it stays zero (cosine 0 with everything)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -114,12 +127,17 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 class PixelFeatures:
     """The flat features ``(C, N)`` prepared once for the repeated pixel-by-prototype passes:
-    with a bfloat16 ``precision``, a contiguous ``(N, C)`` bfloat16 copy of the unit rows (half
-    the size of the float32 feature map); float32 unit rows are recomputed from ``features``
-    chunk by chunk (and for the few pixels re-checked)."""
+    the pixels' inverse norms ``inv_norm`` ``(N,)`` and, with a bfloat16 ``precision``, a
+    contiguous ``(N, C)`` bfloat16 copy of the unit rows (half the size of the float32 feature
+    map); float32 unit rows are recomputed from ``features`` chunk by chunk (and for the few
+    pixels re-checked).
+
+    ``native``: the compiled reductions of :mod:`segbook.groupers.cafe_native` are used
+    (a CPU, float32 contiguous features and a working compiler); ``native=False`` forces the
+    torch code (same labels up to float32 rounding)."""
 
     def __init__(self, features: torch.Tensor, precision: str = "auto", device=None,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, native: bool | None = None):
         if isinstance(features, PixelFeatures):
             raise TypeError("already prepared")
         self.X = _flat(features)
@@ -129,13 +147,29 @@ class PixelFeatures:
         self.check = precision != "bfloat16_unchecked"
         self.chunk = int(chunk)
         self.N = self.X.shape[1]
+        can = (self.device.type == "cpu" and self.X.device.type == "cpu"
+               and self.X.dtype == torch.float32 and self.X.is_contiguous())
+        if native and not can:
+            raise ValueError("native=True needs float32 contiguous features on the CPU")
+        self.native = can and native_available(native)
         self.fast = None
         self._chunk_key, self._chunk_rows = None, None
+        if self.native:
+            self.inv_norm, self.fast = cafe_native.unit_rows(self.X, self.dt == torch.bfloat16)
+            return
+        self.inv_norm = torch.empty(self.N, dtype=torch.float32, device=self.device)
+        step = 16384
+        for s in range(0, self.N, step):
+            x = self.X[:, s:s + step].to(device=self.device, dtype=torch.float32)
+            self.inv_norm[s:s + step] = x.square().sum(0)
+        self.inv_norm.sqrt_().clamp_min_(1e-12).reciprocal_()
         if self.dt != torch.float32:
             self.fast = torch.empty(self.N, self.X.shape[0], dtype=self.dt, device=self.device)
-            for s in range(0, self.N, self.chunk):
-                e = min(self.N, s + self.chunk)
-                self.fast[s:e] = self.exact(s, e).to(self.dt)
+            # narrow chunks: a transposed copy of a wide one thrashes the cache
+            for s in range(0, self.N, 256):
+                e = min(self.N, s + 256)
+                x = self.X[:, s:e].to(device=self.device, dtype=torch.float32)
+                self.fast[s:e] = (x * self.inv_norm[s:e]).T
 
     def exact(self, s: int, e: int) -> torch.Tensor:
         """float32 unit rows ``s:e`` ``(e - s, C)``."""
@@ -158,12 +192,16 @@ class PixelFeatures:
         to dominate."""
         return self.fast is not None and K >= FAST_MIN_K
 
-    def chunks(self, fast: bool = True):
+    def chunks(self, fast: bool = True, rows: bool = True):
         """Yield ``(start, stop, rows)``: bfloat16 rows from the copy (``fast`` and a copy
-        exists), else float32 rows."""
+        exists), else float32 rows (``rows=False``: None, only the bounds)."""
         for s in range(0, self.N, self.chunk):
             e = min(self.N, s + self.chunk)
-            yield s, e, (self.fast[s:e] if fast and self.fast is not None else self.exact(s, e))
+            if not rows:
+                yield s, e, None
+            else:
+                yield s, e, (self.fast[s:e] if fast and self.fast is not None
+                             else self.exact(s, e))
 
 
 def _prepare(features, precision, device) -> PixelFeatures:
@@ -207,17 +245,38 @@ def _best_with_check(fast: torch.Tensor, exact_fn, exact_cols_fn=None,
     return best
 
 
+def _native_best(P: PixelFeatures, s: int, scores: torch.Tensor, D: torch.Tensor,
+                 attention=None, plan=None, alpha: float = 1.0, beta: float = 0.0,
+                 bias=None, check: bool = True) -> torch.Tensor:
+    """The compiled counterpart of :func:`_best_with_check` for pixels ``s:s + len(scores)``:
+    the best column of ``alpha scores + beta A G + bias`` per row, and with bfloat16 scores
+    (and ``check``) every column within ``_AMBIGUOUS`` of a near-tied row's best rescored in
+    float32 against ``D`` (float32 ``(K, C)``)."""
+    check = check and P.check and scores.dtype == torch.bfloat16
+    best, amb = cafe_native.best_rows(scores, attention, plan, alpha, beta, bias,
+                                      _AMBIGUOUS if check else None)
+    if check and bool(amb.any()):
+        rows = amb.nonzero().squeeze(1)
+        x = cafe_native.gather_rows(P.X, s, rows)
+        cafe_native.recheck_rows(scores, rows, x, P.inv_norm[s + rows], D, best, attention,
+                                 plan, alpha, beta, bias, _AMBIGUOUS)
+    return best
+
+
 def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
                       device=None) -> torch.Tensor:
     """``S = argmax_k cos(f_i, d_k)`` for every pixel: ``(N,)`` long (the semantic clusters of
     stage 1). ``features`` ``(C, H, W)`` (or prepared :class:`PixelFeatures`); ``D``
     ``(K, C)``."""
     P = _prepare(features, precision, device)
-    Dn = _unit_rows(D.to(P.device, torch.float32))
+    Dn = _unit_rows(D.to(P.device, torch.float32)).contiguous()
     Df = Dn.to(P.dt)
     K = Dn.shape[0]
     out = torch.empty(P.N, dtype=torch.long)
     for s, e, x in P.chunks(fast=P.use_fast(K)):
+        if P.native:
+            out[s:e] = _native_best(P, s, x @ (Df if P.use_fast(K) else Dn).T, Dn)
+            continue
         if not P.use_fast(K):
             out[s:e] = (x @ Dn.T).max(dim=1).indices.cpu()
             continue
@@ -228,27 +287,55 @@ def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
     return out
 
 
+# Rows per block of the seeding's bfloat16 column maxima: the float32 rescoring reads only the
+# blocks whose maximum is within _AMBIGUOUS of a token's best.
+SEED_BLOCK = 256
+
+
 def _token_nearest_pixel(features, tokens: torch.Tensor, precision: str,
                          device) -> torch.Tensor:
     """For every token (row of ``tokens`` ``(n, C)``) the index of the most cosine-similar
-    pixel. With bfloat16, each chunk's best pixel per token is re-scored in float32 and the
-    best over chunks kept: the result is within bfloat16 resolution (about 0.01 in cosine) of
-    the exact best pixel."""
+    pixel in float32 (the lowest index on a tie), whatever the chunking.
+
+    With bfloat16 products, one pass keeps the best bfloat16 score per token in each block of
+    ``SEED_BLOCK`` pixels; a pixel whose float32 score is the best lies within ``_AMBIGUOUS``
+    of the best bfloat16 score (see ``_AMBIGUOUS``), so only the blocks whose best is that
+    close are rescored in float32, and only for the tokens concerned (a few blocks per token
+    on smooth features; every block on a constant image, which costs one float32 pass).
+    Float32 scores are ``<t, x> / |x|`` for unit tokens ``t``, from the channel-first features
+    as they are."""
     P = _prepare(features, precision, device)
     T = _unit_rows(tokens.to(P.device, torch.float32))
-    Tf = T.to(P.dt)
     n = T.shape[0]
+    block = SEED_BLOCK if P.fast is not None else P.chunk
+    # blocks of each chunk (as the column maxima are taken)
+    ranges = [(i, min(e, i + block)) for s, e, _ in P.chunks(fast=False, rows=False)
+              for i in range(s, e, block)]
+    if P.fast is not None:
+        Tf = T.to(P.dt)
+        top = []
+        for s, e, x in P.chunks():
+            scores = x @ Tf.T
+            if P.native:
+                top.append(cafe_native.block_col_max(scores, block))
+            else:
+                top += [scores[i:i + block].amax(dim=0).float()[None]
+                        for i in range(0, e - s, block)]
+        top = torch.cat(top)
+        cand = top >= top.amax(dim=0) - _AMBIGUOUS
+    else:
+        cand = torch.ones(len(ranges), n, dtype=torch.bool, device=P.device)
     best_val = torch.full((n,), -np.inf, device=P.device)
     best_idx = torch.zeros(n, dtype=torch.long, device=P.device)
-    for s, e, x in P.chunks():
-        if P.fast is None:
-            v, i = (T @ x.T).max(dim=1)
-        else:
-            i = (Tf @ x.T).max(dim=1).indices
-            v = (T * P.exact_index(i + s)).sum(dim=1)
-        better = v > best_val
-        best_val = torch.where(better, v, best_val)
-        best_idx = torch.where(better, i + s, best_idx)
+    for (s, e), c in zip(ranges, cand):
+        J = c.nonzero().squeeze(1)
+        if len(J) == 0:
+            continue
+        x = P.X[:, s:e].to(device=P.device, dtype=torch.float32)
+        v, i = (T[J] @ x).mul_(P.inv_norm[s:e]).max(dim=1)
+        better = v > best_val[J]
+        best_val[J] = torch.where(better, v, best_val[J])
+        best_idx[J] = torch.where(better, i + s, best_idx[J])
     return best_idx.cpu()
 
 
@@ -416,25 +503,30 @@ class _CheckedAttention:
         self.shape = inner.shape
         self.out_size, self.grid = inner.out_size, inner.grid
 
-    def _fix(self, a: torch.Tensor) -> torch.Tensor:
+    def _validate(self, sums: torch.Tensor, minimum: float) -> None:
         # a NaN or Inf anywhere in a row makes its sum non-finite: one reduction checks both
-        sums = a.sum(dim=1, keepdim=True)
         if not bool(torch.isfinite(sums).all()):
             raise GraphError("the attention contains NaN or Inf")
-        if float(a.amin()) < 0:
+        if minimum < 0:
             raise GraphError("the attention has negative entries; CAFE needs row-stochastic "
                              "attention (a softmax over tokens)")
         if self.renormalise:
-            if bool((sums > 0).all()):
-                return a / sums
-            uniform = torch.full_like(a, 1.0 / a.shape[1])
-            return torch.where(sums > 0, a / sums.clamp_min(1e-30), uniform)
+            return
         bad = (sums - 1).abs() > self.atol
         if bool(bad.any()):
             worst = float(sums[bad].sub(1).abs().max())
             raise GraphError(f"attention rows must sum to one (a softmax over tokens); "
                              f"{int(bad.sum())} rows of a chunk are off by up to {worst:.3g}. "
                              "Pass renormalise_attention=True to divide rows by their sums")
+
+    def _fix(self, a: torch.Tensor) -> torch.Tensor:
+        sums = a.sum(dim=1, keepdim=True)
+        self._validate(sums, float(a.amin()))
+        if self.renormalise:
+            if bool((sums > 0).all()):
+                return a / sums
+            uniform = torch.full_like(a, 1.0 / a.shape[1])
+            return torch.where(sums > 0, a / sums.clamp_min(1e-30), uniform)
         return a
 
     def chunks(self):
@@ -448,9 +540,22 @@ class _CheckedAttention:
         self._checked = True
 
     def argmax(self):
+        """The argmax token of every pixel ``(H, W)``. Renormalising rows does not move their
+        argmax (a zero row's is token 0 either way), so the compiled pass reads the raw rows,
+        checking them on the first pass as :meth:`chunks` does."""
         out = torch.empty(self.shape[0], dtype=torch.long)
-        for s, e, a in self.chunks():
-            out[s:e] = a.max(dim=1).indices.cpu()      # first maximum, as argmax; faster
+        fast, check = native_available(), not self._checked
+        for s, e, a in self.inner.chunks():
+            if fast and a.device.type == "cpu" and a.dtype == torch.float32:
+                best, sums, mins = cafe_native.attention_rows(a.contiguous())
+                if check:
+                    self._validate(sums[:, None], float(mins.min()) if len(mins) else 0.0)
+                out[s:e] = best
+            else:
+                if check or self.renormalise:
+                    a = self._fix(a)
+                out[s:e] = a.max(dim=1).indices.cpu()      # first maximum, as argmax; faster
+        self._checked = True
         return out.reshape(self.out_size)
 
     def matmul(self, G):
@@ -482,13 +587,25 @@ def attention_guided_grouping(features, lowres: torch.Tensor, attention,
     """
     P = _prepare(features, precision, device)
     C = P.shape[0]
-    Dn = _unit_rows(D.to(P.device, torch.float32))
+    Dn = _unit_rows(D.to(P.device, torch.float32)).contiguous()
     K = Dn.shape[0]
     if token_to_prototype is None:
         tokens = _unit_rows(lowres.reshape(C, -1).T.to(P.device, torch.float32))
         token_to_prototype = (tokens @ Dn.T).argmax(dim=1).cpu()
     Df = Dn.to(P.dt)
     labels = torch.empty(P.N, dtype=torch.long)
+    if P.native and pool == "chunks" and hasattr(attention, "chunks"):
+        # fused: A G is pooled row by row inside the compiled reduction, never as a matrix
+        plan = cafe_native.PoolPlan(token_to_prototype, K)
+        fast = P.use_fast(K)
+        for s, e, a in attention.chunks():
+            a = a.to(device="cpu", dtype=torch.float32).contiguous()
+            for s2 in range(s, e, P.chunk):
+                e2 = min(e, s2 + P.chunk)
+                x = P.fast[s2:e2] @ Df.T if fast else P.exact(s2, e2) @ Dn.T
+                labels[s2:e2] = _native_best(P, s2, x, Dn, a[s2 - s:e2 - s], plan, alpha, beta)
+        return AGGResult(labels=labels.reshape(P.shape[1:]).numpy(),
+                         token_to_prototype=token_to_prototype)
     for s, e, ag in pooled_attention(attention, token_to_prototype, K, pool):
         for s2 in range(s, e, P.chunk):
             e2 = min(e, s2 + P.chunk)
@@ -609,7 +726,10 @@ def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: 
         counts = torch.zeros(len(Cm), dtype=torch.float64, device=dev)
         fast = PF.use_fast(len(Cm))
         for s, e, x in PF.chunks(fast=fast):
-            if not fast:
+            if PF.native:
+                lab = _native_best(PF, s, x @ (Cf if fast else Cm).T, Cm,
+                                   bias=(-half).contiguous(), check=last)
+            elif not fast:
                 lab = (x @ Cm.T - half).max(dim=1).indices
             else:
                 lab = _best_with_check((x @ Cf.T).float() - half,
