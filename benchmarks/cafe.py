@@ -29,7 +29,13 @@ DINOv3-L's):
 Writes ``results/cpu/bench/cafe.csv`` (or ``--out``).
 
 * ``primitives``: milliseconds per whole-image pass of the operations stages 1-2 are made of
-  (:func:`primitive_row`): the product is not what dominates; the reductions over ``K`` are.
+  (:func:`primitive_row`): the product, torch's reductions over ``K`` (what the torch fallback
+  runs) and the compiled reductions of :mod:`segbook.groupers.cafe_native` (what runs when a
+  C++ compiler is found: argmax + runner-up margin in one pass, and with the pooled attention
+  ``A G`` added).
+
+The ``cafe`` rows run with the compiled reductions (column ``native``); ``--fallback`` adds
+rows with the torch code (``SEGBOOK_NATIVE=0``) for comparison.
 
 Every row is run at each ``--threads`` value (default 1 and 2, this machine's cores).
 
@@ -51,8 +57,10 @@ import torch.nn.functional as F
 from segbook.book.paths import results_root
 from segbook.book.results import atomic_write_csv
 from segbook.data.mosaic import make_mosaic
+from segbook.groupers import cafe_native
 from segbook.groupers.cafe import CAFE
 from segbook.groupers.cafe_merge import merge_sweep, merge_sweep_naive, sweep_data, thresholds
+from segbook.groupers.cafe_stages import CHUNK
 from segbook.pipelines.walk_and_cut import peak_memory
 from segbook.upsamplers.base import distance_attention
 
@@ -87,6 +95,15 @@ def attention_pass(att) -> float:
     for _ in att.chunks():
         pass
     return time.perf_counter() - t0
+
+
+def set_native(on: bool) -> None:
+    """Use the compiled reductions (``on``) or the torch fallback from now on."""
+    if on:
+        os.environ.pop("SEGBOOK_NATIVE", None)
+    else:
+        os.environ["SEGBOOK_NATIVE"] = "0"
+    cafe_native._library.cache_clear()
 
 
 def run_cafe(C, size, grid, precision="auto"):
@@ -130,23 +147,32 @@ def run_cafe(C, size, grid, precision="auto"):
         "matmul_gflops_bf16": round(rate_bf16, 1), "matmul_gflops_f32": round(rate_f32, 1),
         "peak_added_mib": round((peak["bytes"] - peak["start"]) / 2 ** 20, 1),
         "feature_map_mib": round(feats.numel() * 4 / 2 ** 20, 1),
-        "cpu_s": round(cpu, 3),
+        "cpu_s": round(cpu, 3), "native": cafe_native.available(),
     }
 
 
-def primitive_row(C, size, grid, chunk=8192, reps=3):
+def primitive_row(C, size, grid, chunk=CHUNK, reps=3):
     """Milliseconds per whole-image pass (``N = H W`` pixels against ``K = h w`` prototypes,
     ``chunk`` pixels at a time) of the primitives CAFE's stages 1-2 are made of: the bfloat16
     product, the row argmax, the top-2 used by the float32 re-check, the column scatter-add of
-    ``A G`` and the bfloat16 -> float32 conversion of the scores. It shows where the time goes
+    ``A G`` and the bfloat16 -> float32 conversion of the scores (torch's, the fallback's), and
+    the compiled reductions that replace them (``pass_native_*``: argmax and runner-up margin
+    in one pass, with and without the pooled attention added). It shows where the time goes
     beside the product itself."""
     N, K = size[0] * size[1], grid[0] * grid[1]
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(chunk, C, generator=g), dim=1).bfloat16()
     D = F.normalize(torch.randn(K, C, generator=g), dim=1).bfloat16()
     a = torch.rand(chunk, K, generator=g)
+    a /= a.sum(dim=1, keepdim=True)
     idx = torch.randint(0, K, (K,), generator=g)
     s = x @ D.T
+    native = {}
+    if cafe_native.available():
+        plan = cafe_native.PoolPlan(idx, K)
+        native = {"pass_native_best_margin_ms": lambda: cafe_native.best_rows(s, margin=0.012),
+                  "pass_native_best_margin_AG_ms": lambda: cafe_native.best_rows(
+                      s, a, plan, 0.75, 0.25, margin=0.012)}
 
     def ms(fn):
         fn()
@@ -160,7 +186,8 @@ def primitive_row(C, size, grid, chunk=8192, reps=3):
             "pass_row_argmax_ms": ms(lambda: s.max(dim=1)),
             "pass_top2_ms": ms(lambda: s.topk(2, dim=1)),
             "pass_scatter_add_AG_ms": ms(lambda: torch.zeros(chunk, K).index_add_(1, idx, a)),
-            "pass_to_float32_ms": ms(lambda: s.float())}
+            "pass_to_float32_ms": ms(lambda: s.float()),
+            **{k: ms(fn) for k, fn in native.items()}}
 
 
 def run_sweep(C, size, grid):
@@ -194,6 +221,8 @@ def main(argv=None):
                          "float32 re-checks, the library default)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads; every row is run at each (2 = all cores here)")
+    ap.add_argument("--fallback", action="store_true",
+                    help="also run the cafe rows with the torch reductions (SEGBOOK_NATIVE=0)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -201,9 +230,12 @@ def main(argv=None):
         torch.set_num_threads(threads)
         new = []
         for C in args.channels:
-            for precision in args.precision:
-                new.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
-                print(new[-1], flush=True)
+            for native in ([True, False] if args.fallback else [True]):
+                set_native(native)
+                for precision in args.precision:
+                    new.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
+                    print(new[-1], flush=True)
+            set_native(True)
             new.append(primitive_row(C, tuple(args.size), tuple(args.grid)))
             print(new[-1], flush=True)
         if threads == args.threads[0]:
