@@ -148,6 +148,18 @@ def test_attention_rows_argmax_sums_and_minima():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(5, 1, 1), (3, 1, 7), (3, 2, 2), (4, 9, 1), (6, 19, 23)])
+def test_feature_gradient_is_numpys(shape):
+    f = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    ref = np.zeros(shape[1:])
+    for axis in (1, 2):
+        if shape[axis] > 1:
+            ref += (np.gradient(f.double().numpy(), axis=axis) ** 2).sum(0)
+    got = cafe_native.feature_gradient_sq(f).double().numpy()
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
 def test_bad_arguments_are_clear_errors():
     s = torch.zeros(4, 5)
     with pytest.raises(ValueError, match="groups must lie"):

@@ -244,6 +244,45 @@ void cafe_recheck_rows_bf16(const uint16_t* scores, int64_t K, const float* att,
                  best);
 }
 
+// g2[y, x] = sum over channels of the squared spatial differences of X (C x H x W), as
+// numpy.gradient takes them: central (halved) inside, one-sided at the border, none along an
+// axis of length 1. Bands of 8 output rows read their 10 input rows once per channel.
+void cafe_feature_gradient(const float* X, int64_t C, int64_t H, int64_t W, float* g2) {
+    constexpr int64_t B = 8;
+    const int64_t nb = (H + B - 1) / B;
+#pragma omp parallel for schedule(static) if (H * W >= 16384)
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t y0 = b * B, y1 = y0 + B < H ? y0 + B : H;
+        for (int64_t y = y0; y < y1; ++y)
+            for (int64_t x = 0; x < W; ++x) g2[y * W + x] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+            const float* xc = X + c * H * W;
+            for (int64_t y = y0; y < y1; ++y) {
+                const float* row = xc + y * W;
+                float* o = g2 + y * W;
+                if (W > 1) {
+                    const float d0 = row[1] - row[0], d1 = row[W - 1] - row[W - 2];
+                    o[0] += d0 * d0;
+                    for (int64_t x = 1; x + 1 < W; ++x) {
+                        const float d = (row[x + 1] - row[x - 1]) * 0.5f;
+                        o[x] += d * d;
+                    }
+                    o[W - 1] += d1 * d1;
+                }
+                if (H > 1) {
+                    const float* up = y == 0 ? row : xc + (y - 1) * W;
+                    const float* dn = y + 1 == H ? row : xc + (y + 1) * W;
+                    const float f = (y == 0 || y + 1 == H) ? 1.f : 0.5f;
+                    for (int64_t x = 0; x < W; ++x) {
+                        const float d = (dn[x] - up[x]) * f;
+                        o[x] += d * d;
+                    }
+                }
+            }
+        }
+    }
+}
+
 // For each row r of the attention A (R x T): best[r] = argmax (lowest on a tie),
 // sums[r] = the row's sum (16 partial sums) and mins[r] = its minimum: the argmax CAFE's
 // stage 1 reads and the checks of the rows (finite, non-negative, summing to one), in one pass.

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PoolPlan", "attention_rows", "available", "best_rows", "block_col_max", "gather_rows", "recheck_rows",
-           "unit_rows"]
+__all__ = ["PoolPlan", "attention_rows", "available", "best_rows", "block_col_max",
+           "feature_gradient_sq", "gather_rows", "recheck_rows", "unit_rows"]
 
 SOURCE = Path(__file__).with_name("cafe_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
@@ -81,6 +81,7 @@ _SIGNATURES = {
     "cafe_gather_rows": (None, [_p, _i64, _i64, _i64, _p, _i64, _p]),
     "cafe_block_col_max_bf16": (None, [_p, _i64, _i64, _i64, _p]),
     "cafe_attention_rows": (None, [_p, _i64, _i64, _p, _p, _p]),
+    "cafe_feature_gradient": (None, [_p, _i64, _i64, _i64, _p]),
 }
 
 
@@ -253,6 +254,19 @@ def attention_rows(A: torch.Tensor):
     elif R:
         best.zero_(), sums.zero_(), mins.fill_(float("inf"))
     return best, sums, mins
+
+
+def feature_gradient_sq(features: torch.Tensor) -> torch.Tensor:
+    """Sum over channels of the squared spatial differences of ``features`` ``(C, H, W)``
+    float32 (``numpy.gradient``'s: central inside, one-sided at the border): ``(H, W)``
+    float32, one pass over the features."""
+    lib = _library()
+    _check(features, torch.float32, "features", 3)
+    C, H, W = features.shape
+    out = torch.zeros(H, W, dtype=torch.float32)
+    if C and H and W:
+        lib.cafe_feature_gradient(_ptr(features), C, H, W, _ptr(out))
+    return out
 
 
 def block_col_max(scores: torch.Tensor, block: int) -> torch.Tensor:

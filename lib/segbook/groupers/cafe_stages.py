@@ -634,8 +634,12 @@ def attention_guided_grouping(features, lowres: torch.Tensor, attention,
 def feature_gradient(features: torch.Tensor, channel_chunk: int = 16) -> np.ndarray:
     """Spatial gradient magnitude ``|grad F|`` ``(H, W)`` float64: the differences of
     ``numpy.gradient`` (central inside, one-sided at the border), squares summed over
-    channels, ``channel_chunk`` channels at a time so that no copy of the feature map is held."""
+    channels, ``channel_chunk`` channels at a time so that no copy of the feature map is held
+    (with the compiled kernels: one pass over float32 contiguous CPU features)."""
     C, H, W = features.shape
+    if (native_available() and features.device.type == "cpu"
+            and features.dtype == torch.float32 and features.is_contiguous()):
+        return cafe_native.feature_gradient_sq(features).double().sqrt().numpy()
     g2 = torch.zeros(H, W, dtype=torch.float32)
     for c in range(0, C, channel_chunk):
         x = features[c:c + channel_chunk].to(torch.float32)
