@@ -60,7 +60,7 @@ from segbook.data.mosaic import make_mosaic
 from segbook.groupers import cafe_native
 from segbook.groupers.cafe import CAFE
 from segbook.groupers.cafe_merge import merge_sweep, merge_sweep_naive, sweep_data, thresholds
-from segbook.groupers.cafe_stages import CHUNK
+from segbook.groupers.cafe_stages import CHUNK, bf16_error
 from segbook.pipelines.walk_and_cut import peak_memory
 from segbook.upsamplers.base import distance_attention
 
@@ -170,9 +170,10 @@ def primitive_row(C, size, grid, chunk=CHUNK, reps=3):
     native = {}
     if cafe_native.available():
         plan = cafe_native.PoolPlan(idx, K)
-        native = {"pass_native_best_margin_ms": lambda: cafe_native.best_rows(s, margin=0.012),
+        err = bf16_error(C)
+        native = {"pass_native_best_margin_ms": lambda: cafe_native.best_rows(s, error=err),
                   "pass_native_best_margin_AG_ms": lambda: cafe_native.best_rows(
-                      s, a, plan, 0.75, 0.25, margin=0.012)}
+                      s, a, plan, 0.75, 0.25, error=err)}
 
     def ms(fn):
         fn()

@@ -36,6 +36,7 @@ struct Pool {
     int64_t n_rest;
     const int32_t* rest_tok;
     const int32_t* rest_grp;
+    int64_t identity;     // token k -> column k for every k (K == T): A G = A, no gather
 };
 
 namespace {
@@ -100,38 +101,44 @@ inline int64_t padded(int64_t K) { return (K + 15) / 16 * 16; }
 
 struct Top2 {
     float first, second;
-    int64_t index;
+    int64_t index, second_index;
 };
 
-// The best value of v[0:Kp] (Kp a multiple of 16, padding -inf), the lowest index holding it
-// and the runner-up (the best of the rest; equal to `first` on a tie). Each lane keeps its
-// own two best values and the block of its best (first occurrence: strict >).
+// The best value of v[0:Kp] (Kp a multiple of 16, padding -inf), the lowest index holding it,
+// the runner-up (the best of the rest; equal to `first` on a tie) and an index holding it.
+// Each lane keeps its own two best values and their blocks (first occurrence: strict >).
 inline Top2 top2(const float* v, int64_t Kp) {
     const float ninf = -std::numeric_limits<float>::infinity();
     v16f m1 = ninf - v16f{}, m2 = m1;
-    v16i blk = v16i{} - 1, cur = v16i{};
+    v16i b1 = v16i{}, b2 = v16i{}, cur = v16i{};
     for (int64_t k = 0; k < Kp; k += 16, cur += 1) {
         const v16f x = load16(v + k);
         const v16i gt = x > m1;
-        m2 = gt ? m1 : (x > m2 ? x : m2);
+        const v16i gt2 = x > m2;
+        m2 = gt ? m1 : (gt2 ? x : m2);
+        b2 = gt ? b1 : (gt2 ? cur : b2);
         m1 = gt ? x : m1;
-        blk = gt ? cur : blk;
+        b1 = gt ? cur : b1;
     }
-    Top2 out{ninf, ninf, 0};
-    int64_t lane = -1;
+    Top2 out{ninf, ninf, 0, 0};
+    int lane = -1;
     for (int j = 0; j < 16; ++j) {
-        const int64_t idx = static_cast<int64_t>(blk[j]) * 16 + j;
+        const int64_t idx = static_cast<int64_t>(b1[j]) * 16 + j;
         if (m1[j] > out.first || (m1[j] == out.first && lane >= 0 && idx < out.index)) {
             out.first = m1[j];
             out.index = idx;
             lane = j;
         }
     }
+    if (lane < 0) return out;
     for (int j = 0; j < 16; ++j) {
         const float o = j == lane ? m2[j] : m1[j];
-        out.second = o > out.second ? o : out.second;
+        const int64_t idx = static_cast<int64_t>(j == lane ? b2[j] : b1[j]) * 16 + j;
+        if (o > out.second) {
+            out.second = o;
+            out.second_index = idx;
+        }
     }
-    if (lane < 0) out.index = 0;
     return out;
 }
 
@@ -141,7 +148,12 @@ template <typename S>
 inline void row_values(const S* s, int64_t K, const float* a, int64_t T, const Pool* g,
                        float alpha, float beta, const float* bias, float* v, float* ag) {
     (void)T;
-    if (a != nullptr) {
+    if (a != nullptr && g->identity) {
+        if (bias != nullptr)
+            for (int64_t k = 0; k < K; ++k) v[k] = alpha * load(s, k) + beta * a[k] + bias[k];
+        else
+            for (int64_t k = 0; k < K; ++k) v[k] = alpha * load(s, k) + beta * a[k];
+    } else if (a != nullptr) {
         const int32_t* src = g->src;
         const float* w = g->w;
         for (int64_t k = 0; k < K; ++k) ag[k] = w[k] * a[src[k]];
@@ -159,8 +171,8 @@ inline void row_values(const S* s, int64_t K, const float* a, int64_t T, const P
 
 template <typename S>
 int64_t best_rows(const S* scores, int64_t R, int64_t K, const float* att, int64_t T,
-                  const Pool* g, float alpha, float beta, const float* bias, float margin,
-                  int64_t* best, uint8_t* ambiguous) {
+                  const Pool* g, float alpha, float beta, const float* bias, float err0,
+                  float err1, int64_t* best, uint8_t* ambiguous) {
     const int64_t Kp = padded(K);
     int64_t n_amb = 0;
 #pragma omp parallel reduction(+ : n_amb) if (R >= 256)
@@ -174,7 +186,11 @@ int64_t best_rows(const S* scores, int64_t R, int64_t K, const float* att, int64
             const Top2 t = top2(v.data(), Kp);
             best[r] = t.index;
             if (ambiguous == nullptr) continue;
-            const bool amb = K > 1 && t.first - t.second < margin;   // one column: never
+            // the two scores' rounding errors, each at most err0 + err1 |score| (one column:
+            // never ambiguous)
+            const float e1 = err0 + err1 * std::fabs(load(scores + r * K, t.index));
+            const float e2 = err0 + err1 * std::fabs(load(scores + r * K, t.second_index));
+            const bool amb = K > 1 && t.first - t.second < alpha * (e1 + e2);
             ambiguous[r] = amb;
             n_amb += amb;
         }
@@ -184,7 +200,8 @@ int64_t best_rows(const S* scores, int64_t R, int64_t K, const float* att, int64
 
 template <typename S>
 void recheck_rows(const S* scores, int64_t K, const float* att, int64_t T, const Pool* g,
-                  float alpha, float beta, const float* bias, float margin, const int64_t* rows,
+                  float alpha, float beta, const float* bias, float err0, float err1,
+                  const int64_t* rows,
                   int64_t m, const float* X, const float* inv_norm, int64_t C, const float* D,
                   int64_t* best) {
     const int64_t Kp = padded(K);
@@ -197,14 +214,19 @@ void recheck_rows(const S* scores, int64_t K, const float* att, int64_t T, const
         const int64_t r = rows[j];
         row_values(scores + r * K, K, att ? att + r * T : nullptr, T, g, alpha, beta, bias,
                    v.data(), ag.data());
-        const float first = top2(v.data(), Kp).first;
+        const S* sr = scores + r * K;
+        const Top2 t = top2(v.data(), Kp);
+        // column k can beat the best only if v[k] + its error >= the best's v - its error
+        const float floor = t.first - alpha * (err0 + err1 * std::fabs(load(sr, t.index)));
         const float* x = X + j * C;
+        // the pooled attention of the row (the row itself when the pooling is the identity)
+        const float* pooled = att != nullptr && g->identity ? att + r * T : ag.data();
         float top = -std::numeric_limits<float>::infinity();
         int64_t arg = 0;
         for (int64_t k = 0; k < K; ++k) {
-            if (!(v[k] >= first - margin)) continue;
+            if (!(v[k] + alpha * (err0 + err1 * std::fabs(load(sr, k))) >= floor)) continue;
             float e = alpha * (dot(x, D + k * C, C) * inv_norm[j]);
-            if (att != nullptr) e += beta * ag[k];
+            if (att != nullptr) e += beta * pooled[k];
             if (bias != nullptr) e += bias[k];
             if (e > top) { top = e; arg = k; }
         }
@@ -218,30 +240,34 @@ void recheck_rows(const S* scores, int64_t K, const float* att, int64_t T, const
 extern "C" {
 
 // best[r] = argmax_k v[r, k] for rows 0..R-1 of `scores` (R x K), v as in row_values; with
-// `ambiguous` non-null, ambiguous[r] = 1 where the two best values are closer than `margin`.
-// Returns the number of ambiguous rows.
+// `ambiguous` non-null, ambiguous[r] = 1 where the two best values are closer than their
+// possible error: each score is within err0 + err1 |score| of the exact one, so the values
+// within alpha times that. Returns the number of ambiguous rows.
 int64_t cafe_best_rows_bf16(const uint16_t* scores, int64_t R, int64_t K, const float* att,
                             int64_t T, const Pool* g, float alpha, float beta,
-                            const float* bias, float margin, int64_t* best, uint8_t* ambiguous) {
-    return best_rows(scores, R, K, att, T, g, alpha, beta, bias, margin, best, ambiguous);
+                            const float* bias, float err0, float err1, int64_t* best,
+                            uint8_t* ambiguous) {
+    return best_rows(scores, R, K, att, T, g, alpha, beta, bias, err0, err1, best, ambiguous);
 }
 
 int64_t cafe_best_rows_f32(const float* scores, int64_t R, int64_t K, const float* att,
                            int64_t T, const Pool* g, float alpha, float beta,
-                           const float* bias, float margin, int64_t* best, uint8_t* ambiguous) {
-    return best_rows(scores, R, K, att, T, g, alpha, beta, bias, margin, best, ambiguous);
+                           const float* bias, float err0, float err1, int64_t* best,
+                           uint8_t* ambiguous) {
+    return best_rows(scores, R, K, att, T, g, alpha, beta, bias, err0, err1, best, ambiguous);
 }
 
-// For each listed row r = rows[j]: every column k within `margin` of the row's best value is
-// scored in float32, alpha * <x_j, D_k> * inv_norm[j] + beta * (A G)[r, k] + bias[k], with x_j
+// For each listed row r = rows[j]: every column k whose value could exceed the best's, given
+// the errors of both (as in cafe_best_rows_bf16), is scored in float32, alpha * <x_j, D_k> * inv_norm[j] + beta * (A G)[r, k] + bias[k], with x_j
 // the row j of X (m x C, float32, the pixel's features, unnormalised) and D (K x C);
 // best[r] = the best of them (the lowest column on a tie).
 void cafe_recheck_rows_bf16(const uint16_t* scores, int64_t K, const float* att, int64_t T,
                             const Pool* g, float alpha, float beta, const float* bias,
-                            float margin, const int64_t* rows, int64_t m, const float* X,
-                            const float* inv_norm, int64_t C, const float* D, int64_t* best) {
-    recheck_rows(scores, K, att, T, g, alpha, beta, bias, margin, rows, m, X, inv_norm, C, D,
-                 best);
+                            float err0, float err1, const int64_t* rows, int64_t m,
+                            const float* X, const float* inv_norm, int64_t C, const float* D,
+                            int64_t* best) {
+    recheck_rows(scores, K, att, T, g, alpha, beta, bias, err0, err1, rows, m, X, inv_norm, C,
+                 D, best);
 }
 
 // g2[y, x] = sum over channels of the squared spatial differences of X (C x H x W), as
@@ -363,11 +389,12 @@ void cafe_gather_rows(const float* X, int64_t C, int64_t ldX, int64_t s, const i
 
 // inv_norm[p] = 1 / max(|X[:, p]|, 1e-12) for p < n and, when `out` is not null,
 // out[p, c] = bfloat16(X[c, p] * inv_norm[p]): the unit pixel rows, transposed from the
-// channel-first feature map (C x ldX). Blocks of 64 pixels: their squares are summed 8 channels
+// channel-first feature map (C x ldX), in rows of ldo >= C entries; when ldo > C, entry C is
+// 1 (the offset column: see segbook.groupers.cafe_stages.PixelFeatures) and the rest 0. Blocks of 64 pixels: their squares are summed 8 channels
 // at a time (8 rows a whole image apart share a cache set, which holds 12), then the block,
 // still in cache, is read again to scale and convert.
 void cafe_unit_rows_bf16(const float* X, int64_t C, int64_t ldX, int64_t n, float* inv_norm,
-                         uint16_t* out) {
+                         uint16_t* out, int64_t ldo) {
     constexpr int64_t TP = 64, TC = 8;
 #pragma omp parallel for schedule(static) if (n >= 4096)
     for (int64_t p0 = 0; p0 < n; p0 += TP) {
@@ -392,9 +419,14 @@ void cafe_unit_rows_bf16(const float* X, int64_t C, int64_t ldX, int64_t n, floa
                 for (int64_t i = 0; i < np; ++i) tmp[c][i] = f32_to_bf16(x[i] * scale[i]);
             }
             for (int64_t i = 0; i < np; ++i) {           // transposed into the rows
-                uint16_t* o = out + (p0 + i) * C + c0;
+                uint16_t* o = out + (p0 + i) * ldo + c0;
                 for (int64_t c = 0; c < nc; ++c) o[c] = tmp[c][i];
             }
+        }
+        for (int64_t i = 0; i < np && ldo > C; ++i) {
+            uint16_t* o = out + (p0 + i) * ldo;
+            o[C] = 0x3F80;                                // bfloat16 1.0
+            for (int64_t c = C + 1; c < ldo; ++c) o[c] = 0;
         }
     }
 }

@@ -44,14 +44,16 @@ _f = ctypes.c_float
 
 
 class _Pool(ctypes.Structure):
-    _fields_ = [("src", _p), ("w", _p), ("n_rest", _i64), ("rest_tok", _p), ("rest_grp", _p)]
+    _fields_ = [("src", _p), ("w", _p), ("n_rest", _i64), ("rest_tok", _p), ("rest_grp", _p),
+                ("identity", _i64)]
 
 
 class PoolPlan:
     """How :func:`best_rows` pools a row's ``T`` attention columns into ``K`` prototype columns
     (``A G`` with ``G`` the one-hot map ``groups`` ``(T,)`` -> ``0..K-1``): each column gets
     its lowest token by a gather, the other tokens of shared columns are added after, in token
-    order (the same sums as a scatter-add in token order)."""
+    order (the same sums as a scatter-add in token order); when token ``k`` goes to column
+    ``k`` for every ``k`` (no prototype merged or dropped), the row is used as it is."""
 
     def __init__(self, groups: torch.Tensor, K: int):
         g = torch.as_tensor(groups).to(torch.int64).cpu().reshape(-1)
@@ -67,17 +69,19 @@ class PoolPlan:
         rest = tokens[first[g] != tokens]
         self.rest_tok = rest.to(torch.int32).contiguous()
         self.rest_grp = g[rest].to(torch.int32).contiguous()
+        # token k -> column k for all k: the pooled attention is the row itself
+        self.identity = T == K and bool(torch.equal(g, tokens))
         self.struct = _Pool(self.src.data_ptr(), self.w.data_ptr(), len(rest),
                             self.rest_tok.data_ptr() if len(rest) else None,
-                            self.rest_grp.data_ptr() if len(rest) else None)
+                            self.rest_grp.data_ptr() if len(rest) else None, int(self.identity))
 
 
 _SIGNATURES = {
-    "cafe_best_rows_bf16": (_i64, [_p, _i64, _i64, _p, _i64, _p, _f, _f, _p, _f, _p, _p]),
-    "cafe_best_rows_f32": (_i64, [_p, _i64, _i64, _p, _i64, _p, _f, _f, _p, _f, _p, _p]),
-    "cafe_recheck_rows_bf16": (None, [_p, _i64, _p, _i64, _p, _f, _f, _p, _f, _p, _i64, _p,
-                                      _p, _i64, _p, _p]),
-    "cafe_unit_rows_bf16": (None, [_p, _i64, _i64, _i64, _p, _p]),
+    "cafe_best_rows_bf16": (_i64, [_p, _i64, _i64, _p, _i64, _p, _f, _f, _p, _f, _f, _p, _p]),
+    "cafe_best_rows_f32": (_i64, [_p, _i64, _i64, _p, _i64, _p, _f, _f, _p, _f, _f, _p, _p]),
+    "cafe_recheck_rows_bf16": (None, [_p, _i64, _p, _i64, _p, _f, _f, _p, _f, _f, _p, _i64,
+                                      _p, _p, _i64, _p, _p]),
+    "cafe_unit_rows_bf16": (None, [_p, _i64, _i64, _i64, _p, _p, _i64]),
     "cafe_gather_rows": (None, [_p, _i64, _i64, _i64, _p, _i64, _p]),
     "cafe_block_col_max_bf16": (None, [_p, _i64, _i64, _i64, _p]),
     "cafe_attention_rows": (None, [_p, _i64, _i64, _p, _p, _p]),
@@ -185,24 +189,25 @@ def _plan_ptr(plan):
     return ctypes.addressof(plan.struct) if plan is not None else None
 
 
-def best_rows(scores: torch.Tensor, attention: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None, alpha: float = 1.0, beta: float = 0.0,
-              bias: torch.Tensor | None = None, margin: float | None = None):
+def best_rows(scores: torch.Tensor, attention: torch.Tensor | None = None, groups=None,
+              alpha: float = 1.0, beta: float = 0.0, bias: torch.Tensor | None = None,
+              error: tuple[float, float] | None = None):
     """Per row of ``scores`` ``(R, K)`` (bfloat16 or float32): the best column of
     ``v = alpha * scores + beta * (attention G) + bias`` (``attention`` ``(R, T)`` float32 with
-    ``G`` the one-hot map ``groups`` ``(T,)`` -> column, or its :class:`PoolPlan`; terms left out when ``None``), ties to
-    the lowest column. Returns ``(best (R,) int64, ambiguous)``: with a ``margin``,
-    ``ambiguous`` ``(R,)`` bool marks rows whose two best values are closer than it, else
-    ``None``."""
+    ``G`` the one-hot map ``groups`` ``(T,)`` -> column, or its :class:`PoolPlan`; terms left
+    out when ``None``), ties to the lowest column. Returns ``(best (R,) int64, ambiguous)``:
+    with ``error = (e0, e1)`` (each score within ``e0 + e1 |score|`` of the exact one),
+    ``ambiguous`` ``(R,)`` bool marks rows whose two best values are closer than their errors
+    allow to tell apart, else ``None``."""
     lib = _library()
     R, K, T, plan = _common(scores, attention, groups, bias)
     best = torch.empty(R, dtype=torch.int64)
-    amb = torch.zeros(R, dtype=torch.uint8) if margin is not None else None
+    amb = torch.zeros(R, dtype=torch.uint8) if error is not None else None
     fn = lib.cafe_best_rows_bf16 if scores.dtype == torch.bfloat16 else lib.cafe_best_rows_f32
-
+    e0, e1 = error if error is not None else (0.0, 0.0)
     if R:
         fn(_ptr(scores), R, K, _ptr(attention), T, _plan_ptr(plan), alpha, beta, _ptr(bias),
-           float(margin or 0.0), _ptr(best), _ptr(amb))
+           float(e0), float(e1), _ptr(best), _ptr(amb))
     return best, (amb.bool() if amb is not None else None)
 
 
@@ -210,11 +215,11 @@ def recheck_rows(scores: torch.Tensor, rows: torch.Tensor, X: torch.Tensor,
                  inv_norm: torch.Tensor, D: torch.Tensor, best: torch.Tensor,
                  attention: torch.Tensor | None = None, groups=None, alpha: float = 1.0,
                  beta: float = 0.0, bias: torch.Tensor | None = None,
-                 margin: float = 0.0) -> None:
+                 error: tuple[float, float] = (0.0, 0.0)) -> None:
     """Float32 re-check of ``rows`` ``(m,)`` of a chunk of bfloat16 ``scores`` ``(R, K)``,
     whose pixels' features are the rows of ``X`` ``(m, C)`` float32 (unnormalised, row ``j``
-    for ``rows[j]``) with inverse norms ``inv_norm`` ``(m,)``: every column within ``margin``
-    of the row's best bfloat16 value is rescored as ``alpha cos(x, D_k) + beta (A G)_k +
+    for ``rows[j]``) with inverse norms ``inv_norm`` ``(m,)``: every column whose bfloat16 value
+    could exceed the best's (``error`` as in :func:`best_rows`) is rescored as ``alpha cos(x, D_k) + beta (A G)_k +
     bias_k`` (``D`` ``(K, C)`` float32) and ``best[r]`` set to the best of them (ties to the
     lowest column)."""
     lib = _library()
@@ -236,7 +241,8 @@ def recheck_rows(scores: torch.Tensor, rows: torch.Tensor, X: torch.Tensor,
     if m:
         lib.cafe_recheck_rows_bf16(
             _ptr(scores), K, _ptr(attention), T, _plan_ptr(plan), alpha, beta, _ptr(bias),
-            float(margin), _ptr(rows), m, _ptr(X), _ptr(inv_norm), C, _ptr(D), _ptr(best))
+            float(error[0]), float(error[1]), _ptr(rows), m, _ptr(X), _ptr(inv_norm), C,
+            _ptr(D), _ptr(best))
 
 
 def attention_rows(A: torch.Tensor):
@@ -300,16 +306,20 @@ def gather_rows(X: torch.Tensor, start: int, rows: torch.Tensor) -> torch.Tensor
     return out
 
 
-def unit_rows(X: torch.Tensor, bf16: bool = True):
+def unit_rows(X: torch.Tensor, bf16: bool = True, width: int | None = None):
     """The pixels' inverse norms ``1 / max(|X[:, p]|, 1e-12)`` ``(N,)`` of the channel-first
     features ``X`` ``(C, N)`` float32 and, with ``bf16``, the unit pixel rows
-    ``X[:, p] * inv_norm[p]`` as a ``(N, C)`` bfloat16 tensor (else None), made in one pass over
-    cache-sized blocks."""
+    ``X[:, p] * inv_norm[p]`` as a ``(N, width)`` bfloat16 tensor (else None), made in one pass
+    over cache-sized blocks. ``width`` (default ``C``) ``> C`` appends a column of ones and
+    zeros (the offset column of :class:`~segbook.groupers.cafe_stages.PixelFeatures`)."""
     lib = _library()
     _check(X, torch.float32, "X", 2)
     C, N = X.shape
+    width = C if width is None else int(width)
+    if width < C:
+        raise ValueError(f"width {width} < {C} channels")
     inv = torch.empty(N, dtype=torch.float32)
-    out = torch.empty(N, C, dtype=torch.bfloat16) if bf16 else None
+    out = torch.empty(N, width, dtype=torch.bfloat16) if bf16 else None
     if N:
-        lib.cafe_unit_rows_bf16(_ptr(X), C, N, N, _ptr(inv), _ptr(out))
+        lib.cafe_unit_rows_bf16(_ptr(X), C, N, N, _ptr(inv), _ptr(out), width)
     return inv, out

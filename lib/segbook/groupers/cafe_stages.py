@@ -24,7 +24,7 @@ Stage 2, *Attention-Guided Grouping* (:func:`attention_guided_grouping`)
 Matrix products. The floor of both stages is the pixel-by-prototype cosine (``H W x K x C``
 multiply-adds per pass). ``precision="auto"`` computes it in bfloat16 where that is fast (CUDA,
 or a CPU with AMX) and recomputes in float32 every pixel whose best two bfloat16 scores are
-closer than ``_AMBIGUOUS`` (twice the bfloat16 error of a cosine of unit vectors, see there),
+closer than their bfloat16 errors allow to tell apart (:func:`bf16_error`),
 so the labels are those of the float32 computation (up to float32 rounding, and except with
 negligible probability); ``"float32"`` computes everything in
 float32; ``"bfloat16_unchecked"`` skips the re-check (faster; labels may differ where two
@@ -64,15 +64,34 @@ CHUNK = 2048
 # Fewer prototypes than this: float32 products (cheap) instead of bfloat16 + re-checks.
 FAST_MIN_K = 64
 # How far a bfloat16 score can be from the float32 one. bfloat16 keeps 8 significant bits (unit
-# roundoff u = 2^-8). Rounding the product to bfloat16 moves a score s by at most u |s| <= 0.0039
-# (for cosines), whatever the data. Rounding the inputs moves a cosine of unit vectors by at
-# most 2u = 0.0078 only if all C rounding errors align; they are independent, so in practice
-# by a sum of C small terms, standard deviation about u sqrt(2 / (3 C)) (1.6e-4 at C = 320,
-# 0.9e-4 at C = 1024; the benchmark's largest over 6.6 million pairs: 0.0011 and 0.0007). Two
-# scores are re-checked when closer than 0.012: twice the output rounding (0.0078) plus 0.0021
-# per score for the inputs, 13 standard deviations at C = 320. A swap goes unnoticed only with
-# negligible probability, not never: the bound for fully aligned errors would be 0.0234.
-_AMBIGUOUS = 0.012
+# roundoff u = 2^-8). Rounding the product to bfloat16 moves a score s by at most u |s|,
+# whatever the data. Rounding the inputs moves a product of vectors of norm <= 1 by at most
+# 2u = 0.0078 only if all C rounding errors align; they are independent, so in practice by a
+# sum of C small terms, standard deviation about u sqrt(2 / (3 C)) (1.6e-4 at C = 320, 0.9e-4
+# at C = 1024; the benchmark's largest over 6.6 million pairs: 0.0011 and 0.0007). We take
+# 13 standard deviations, and never more than 2u: e0 = min(2u, 13 u sqrt(2 / (3 C))) (0.0023 at
+# C = 320, 0.0078 for C <= 30). So a swap of two scores goes unnoticed only with negligible
+# probability at large C, never at small C.
+_ROUNDOFF = 2.0 ** -8
+# The passes' bfloat16 rows carry a column of ones that the prototypes meet with -OFFSET: the
+# products come out as s - OFFSET, near zero for the close prototypes that decide a pixel, so
+# their rounding (u |s - OFFSET|) is several times smaller than u |s| and far fewer pixels
+# need a float32 re-check (18% instead of 38% in the benchmark).
+OFFSET = 0.875                       # exact in bfloat16
+
+
+def bf16_error(C: int) -> tuple[float, float]:
+    """``(e0, e1)``: a bfloat16 product ``s`` of vectors of ``C`` channels and norm at most one
+    is within ``e0 + e1 |s|`` of the float32 product (see the comment above)."""
+    e0 = min(2 * _ROUNDOFF, 13 * _ROUNDOFF * (2 / (3 * max(int(C), 1))) ** 0.5)
+    return e0, _ROUNDOFF
+
+
+def fixed_margin(C: int) -> float:
+    """Two scores of at most one in magnitude, not offset, computed in bfloat16 can swap only
+    when closer than this: ``2 (e0 + e1)`` (0.0124 at ``C = 320``)."""
+    e0, e1 = bf16_error(C)
+    return 2 * (e0 + e1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,8 +179,13 @@ class PixelFeatures:
         self.native = can and native_available(native)
         self.fast = None
         self._chunk_key, self._chunk_rows = None, None
+        C = self.X.shape[0]
+        # the compiled passes' rows carry the offset column (see OFFSET), padded to 32 columns
+        self.width = -(-(C + 1) // 32) * 32 if self.native and self.dt != torch.float32 else C
+        self.margin = fixed_margin(C)
         if self.native:
-            self.inv_norm, self.fast = cafe_native.unit_rows(self.X, self.dt == torch.bfloat16)
+            self.inv_norm, self.fast = cafe_native.unit_rows(
+                self.X, self.dt == torch.bfloat16, self.width)
             return
         self.inv_norm = torch.empty(self.N, dtype=torch.float32, device=self.device)
         step = 16384
@@ -198,6 +222,17 @@ class PixelFeatures:
         to dominate."""
         return self.fast is not None and K >= FAST_MIN_K
 
+    def lowp(self, D: torch.Tensor) -> torch.Tensor:
+        """Prototypes ``D`` ``(K, C)`` as the bfloat16 operand of a pass over ``fast``: with
+        the offset column, ``-OFFSET`` there (zeros in the padding), so that the products come
+        out as ``<x, d> - OFFSET``."""
+        C = self.shape[0]
+        out = torch.zeros(D.shape[0], self.width, dtype=self.dt, device=self.device)
+        out[:, :C] = D.to(self.device, self.dt)
+        if self.width > C:
+            out[:, C] = -OFFSET
+        return out
+
     def chunks(self, fast: bool = True, rows: bool = True):
         """Yield ``(start, stop, rows)``: bfloat16 rows from the copy (``fast`` and a copy
         exists), else float32 rows (``rows=False``: None, only the bounds)."""
@@ -216,9 +251,9 @@ def _prepare(features, precision, device) -> PixelFeatures:
 
 
 def _best_with_check(fast: torch.Tensor, exact_fn, exact_cols_fn=None,
-                     check: bool = True) -> torch.Tensor:
+                     check: bool = True, margin: float = fixed_margin(320)) -> torch.Tensor:
     """Argmax of the rows of ``fast`` (bfloat16 scores, or float32 ones made from bfloat16
-    products). With ``check``, rows whose two best scores are within ``_AMBIGUOUS`` are
+    products). With ``check``, rows whose two best scores are within ``margin`` are
     recomputed in float32: against their 4 best candidates (``exact_cols_fn(rows, cols) ->
     (rows, 4)``) when the 5th is clearly worse, else against every column (``exact_fn(rows) ->
     (rows, K)``). ``fast`` may be overwritten.
@@ -233,14 +268,14 @@ def _best_with_check(fast: torch.Tensor, exact_fn, exact_cols_fn=None,
     scores = fast if fast.dtype == torch.float32 else fast.float()
     first, best = scores.max(dim=1)
     scores.scatter_(1, best[:, None], float("-inf"))
-    amb = (first - scores.amax(dim=1)) < _AMBIGUOUS
+    amb = (first - scores.amax(dim=1)) < margin
     if amb.any():
         idx = amb.nonzero().squeeze(1)
         i_all = idx
         if exact_cols_fn is not None and K >= 5:
             # the winner plus the 4 best of the rest (the winner is masked in ``scores``)
             rest = scores[idx].topk(4, dim=1)
-            few = (first[idx] - rest.values[:, 3]) >= _AMBIGUOUS
+            few = (first[idx] - rest.values[:, 3]) >= margin
             i_few, i_all = idx[few], idx[~few]
             if len(i_few):
                 cols = torch.cat([best[i_few, None], rest.indices[few, :3]], dim=1)
@@ -256,16 +291,18 @@ def _native_best(P: PixelFeatures, s: int, scores: torch.Tensor, D: torch.Tensor
                  bias=None, check: bool = True) -> torch.Tensor:
     """The compiled counterpart of :func:`_best_with_check` for pixels ``s:s + len(scores)``:
     the best column of ``alpha scores + beta A G + bias`` per row, and with bfloat16 scores
-    (and ``check``) every column within ``_AMBIGUOUS`` of a near-tied row's best rescored in
-    float32 against ``D`` (float32 ``(K, C)``)."""
+    (and ``check``), in rows where the two best are closer than their errors
+    (:func:`bf16_error`), every column that could be the best rescored in float32 against
+    ``D`` (float32 ``(K, C)``)."""
     check = check and P.check and scores.dtype == torch.bfloat16
+    error = bf16_error(P.shape[0])
     best, amb = cafe_native.best_rows(scores, attention, plan, alpha, beta, bias,
-                                      _AMBIGUOUS if check else None)
+                                      error if check else None)
     if check and bool(amb.any()):
         rows = amb.nonzero().squeeze(1)
         x = cafe_native.gather_rows(P.X, s, rows)
         cafe_native.recheck_rows(scores, rows, x, P.inv_norm[s + rows], D, best, attention,
-                                 plan, alpha, beta, bias, _AMBIGUOUS)
+                                 plan, alpha, beta, bias, error)
     return best
 
 
@@ -276,7 +313,7 @@ def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
     ``(K, C)``."""
     P = _prepare(features, precision, device)
     Dn = _unit_rows(D.to(P.device, torch.float32)).contiguous()
-    Df = Dn.to(P.dt)
+    Df = P.lowp(Dn)
     K = Dn.shape[0]
     out = torch.empty(P.N, dtype=torch.long)
     for s, e, x in P.chunks(fast=P.use_fast(K)):
@@ -289,12 +326,12 @@ def nearest_prototype(features, D: torch.Tensor, precision: str = "auto",
         out[s:e] = _best_with_check(
             x @ Df.T, lambda i, s=s, e=e: P.exact_in_chunk(s, e, i) @ Dn.T,
             lambda i, c, s=s, e=e: torch.einsum("rc,rkc->rk", P.exact_in_chunk(s, e, i), Dn[c]),
-            P.check).cpu()
+            P.check, P.margin).cpu()
     return out
 
 
 # Rows per block of the seeding's bfloat16 column maxima: the float32 rescoring reads only the
-# blocks whose maximum is within _AMBIGUOUS of a token's best.
+# blocks whose maximum is close enough to a token's best (within two bfloat16 errors).
 SEED_BLOCK = 256
 
 
@@ -304,9 +341,9 @@ def _token_nearest_pixel(features, tokens: torch.Tensor, precision: str,
     pixel in float32 (the lowest index on a tie), whatever the chunking.
 
     With bfloat16 products, one pass keeps the best bfloat16 score per token in each block of
-    ``SEED_BLOCK`` pixels; a pixel whose float32 score is the best lies within ``_AMBIGUOUS``
-    of the best bfloat16 score (see ``_AMBIGUOUS``), so only the blocks whose best is that
-    close are rescored in float32, and only for the tokens concerned (a few blocks per token
+    ``SEED_BLOCK`` pixels; a pixel whose float32 score is the best lies within the errors of
+    two bfloat16 scores (:func:`bf16_error`) of the token's best bfloat16 score, so only the
+    blocks whose best is that close are rescored in float32, and only for the tokens concerned (a few blocks per token
     on smooth features; every block on a constant image, which costs one float32 pass).
     Float32 scores are ``<t, x> / |x|`` for unit tokens ``t``, from the channel-first features
     as they are."""
@@ -318,7 +355,7 @@ def _token_nearest_pixel(features, tokens: torch.Tensor, precision: str,
     ranges = [(i, min(e, i + block)) for s, e, _ in P.chunks(fast=False, rows=False)
               for i in range(s, e, block)]
     if P.fast is not None:
-        Tf = T.to(P.dt)
+        Tf = P.lowp(T)
         top = []
         for s, e, x in P.chunks():
             scores = x @ Tf.T
@@ -328,7 +365,11 @@ def _token_nearest_pixel(features, tokens: torch.Tensor, precision: str,
                 top += [scores[i:i + block].amax(dim=0).float()[None]
                         for i in range(0, e - s, block)]
         top = torch.cat(top)
-        cand = top >= top.amax(dim=0) - _AMBIGUOUS
+        best = top.amax(dim=0)
+        # the best pixel's score b and the best score M: b >= M - e(M) - e(b), with
+        # |b| <= |M| + margin; 1% covers that second-order term
+        e0, e1 = bf16_error(P.shape[0])
+        cand = top >= best - 1.01 * (2 * e0 + 2 * e1 * best.abs())
     else:
         cand = torch.ones(len(ranges), n, dtype=torch.bool, device=P.device)
     best_val = torch.full((n,), -np.inf, device=P.device)
@@ -598,7 +639,7 @@ def attention_guided_grouping(features, lowres: torch.Tensor, attention,
     if token_to_prototype is None:
         tokens = _unit_rows(lowres.reshape(C, -1).T.to(P.device, torch.float32))
         token_to_prototype = (tokens @ Dn.T).argmax(dim=1).cpu()
-    Df = Dn.to(P.dt)
+    Df = P.lowp(Dn)
     labels = torch.empty(P.N, dtype=torch.long)
     if P.native and pool == "chunks" and hasattr(attention, "chunks"):
         # fused: A G is pooled row by row inside the compiled reduction, never as a matrix
@@ -626,7 +667,7 @@ def attention_guided_grouping(features, lowres: torch.Tensor, attention,
                 + beta * agc[i],
                 lambda i, c, s2=s2, e2=e2, agc=agc: alpha * torch.einsum(
                     "rc,rkc->rk", P.exact_in_chunk(s2, e2, i), Dn[c]) + beta * agc[i].gather(1, c),
-                P.check).cpu()
+                P.check, P.margin).cpu()
     return AGGResult(labels=labels.reshape(P.shape[1:]).numpy(),
                      token_to_prototype=token_to_prototype)
 
@@ -724,14 +765,13 @@ def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: 
         centres.append(P[j])
         d2 = torch.minimum(d2, (sq + sq[j] - 2 * (P @ P[j])).clamp_min(0))
     Cm = torch.stack(centres)
-    dt = PF.dt
     labels = torch.empty(N, dtype=torch.long)
     for it in range(int(iterations) + 1):
         # argmin ||x - c||^2 = argmax (x.c - |c|^2 / 2); Lloyd's passes take the bfloat16
         # argmax as it comes, the last pass (the returned labels) is re-checked
         last = it == int(iterations)
         half = 0.5 * Cm.square().sum(1)
-        Cf = Cm.to(dt)
+        Cf = PF.lowp(Cm)
         sums = torch.zeros_like(Cm, dtype=torch.float64)
         counts = torch.zeros(len(Cm), dtype=torch.float64, device=dev)
         fast = PF.use_fast(len(Cm))
@@ -745,11 +785,11 @@ def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: 
                 lab = _best_with_check((x @ Cf.T).float() - half,
                                        lambda i, s=s, Cm=Cm, half=half:
                                        PF.exact_index(i + s) @ Cm.T - half, None,
-                                       PF.check and last)
+                                       PF.check and last, PF.margin)
             labels[s:e] = lab.cpu()
             if last:
                 continue
-            sums.index_add_(0, lab, x.double())
+            sums.index_add_(0, lab, x[:, :Cm.shape[1]].double())
             counts += torch.bincount(lab, minlength=len(Cm)).double()
         if last:
             break
