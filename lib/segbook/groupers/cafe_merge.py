@@ -22,6 +22,13 @@ exceeds ``tau`` changes nothing, so the sweep jumps to the next threshold below 
 ``S``. :func:`merge_sweep_naive` recomputes adjacency, borders and prototypes from the pixel
 label map at every one of the 691 thresholds; a test checks both give the same snapshots.
 
+**Cost.** The only pass over pixels is :func:`_segment_sums` (per initial segment: sums of raw
+and unit features, their max and min), on the ``(C, H W)`` features in place: blocks of pixels
+are transposed into small reused buffers, chunks of pixels go to ``torch.get_num_threads()``
+Python threads, and the float32-within-a-chunk, float64-across-chunks rounding does not depend
+on either. Everything after works on the ``K`` initial segments: the sweep computes the
+similarities it needs in batches, levels group segment rows (CH, ``G``, non-adjacent merging).
+
 Our readings of what the supplement leaves open (each a parameter):
 
 * ``B`` is normalised by dividing each pixel's gradient magnitude by the image's largest, so a
@@ -48,6 +55,7 @@ Our readings of what the supplement leaves open (each a parameter):
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,29 +126,113 @@ def _pair_stats(labels: np.ndarray, grad: np.ndarray, K: int):
     return pairs, count, gsum
 
 
+_CHUNK = 16384      # pixels summed in float32 before the float64 total (fixes the rounding)
+_BLOCK = 2048       # pixels transposed and processed at a time (a few MB: stays in cache)
+_CHANNEL_BLOCK = 64  # channels per transposing copy
+
+
+def _pixel_rows(X: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Copy pixels ``start .. start + len(out)`` of the ``(C, N)`` feature matrix into ``out``
+    as float32 rows ``(n, C)``.
+
+    A single transposing copy reads one element from each of the ``C`` channel rows in turn,
+    ``N`` elements apart: at ``C = 1024`` every element is on another memory page and the copy
+    runs about ten times slower than a copy of ``_CHANNEL_BLOCK`` channels at a time, which
+    reads from few pages."""
+    n = out.shape[0]
+    for c in range(0, X.shape[0], _CHANNEL_BLOCK):
+        out[:, c:c + _CHANNEL_BLOCK].copy_(X[c:c + _CHANNEL_BLOCK, start:start + n].T)
+    return out
+
+
+def _chunk_stats(X: torch.Tensor, lab: torch.Tensor, start: int, stop: int):
+    """Float32 statistics of pixels ``start .. stop`` (one chunk) of the ``(C, N)`` features:
+    the segment ids present ``ids`` and, per id, the sums of raw and of unit features (in
+    pixel order, ``index_add_``), the per-channel max and min; per pixel, the squared norm of
+    its unit feature.
+
+    The pixels are processed in blocks of ``_BLOCK`` rows (:func:`_pixel_rows`) in reused
+    buffers that stay in cache; continuing the same accumulators block after block adds the
+    same numbers in the same order as one pass over the chunk. Accumulators cover only the
+    ids present (tens, not the image's ``K``)."""
+    C, n = X.shape[0], stop - start
+    ids, local = torch.unique(lab[start:stop], return_inverse=True)
+    k = len(ids)
+    fsum = torch.zeros(k, C)
+    nsum = torch.zeros(k, C)
+    fmax = torch.full((k, C), -np.inf)
+    fmin = torch.full((k, C), np.inf)
+    sq = torch.empty(n)
+    x_buf = torch.empty(min(_BLOCK, n), C)
+    xn_buf = torch.empty(min(_BLOCK, n), C)
+    norm_buf = torch.empty(min(_BLOCK, n), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)           # index_reduce_ is "beta"
+        for b in range(0, n, _BLOCK):
+            m = min(_BLOCK, n - b)
+            lb = local[b:b + m]
+            x = _pixel_rows(X, start + b, x_buf[:m])
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, out=norm_buf[:m])
+            xn = torch.div(x, norm.clamp_min_(1e-12), out=xn_buf[:m])
+            fsum.index_add_(0, lb, x)
+            nsum.index_add_(0, lb, xn)
+            fmax.index_reduce_(0, lb, x, "amax")
+            fmin.index_reduce_(0, lb, x, "amin")
+            torch.sum(xn.square_(), 1, out=sq[b:b + m])
+    return ids, fsum, nsum, fmax, fmin, sq
+
+
 def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int):
-    """Per-segment sums of raw and unit features (float32 within a chunk of pixels, float64
-    across chunks), sums of squared unit norms, and per-channel max and min."""
+    """Per-segment sums of raw features ``fsum`` and of unit features ``nsum``, sums of the
+    squared norms of unit features ``nsq``, and per-channel ``fmax`` and ``fmin``.
+
+    Sums are accumulated in float32 over each chunk of ``_CHUNK`` pixels (:func:`_chunk_stats`)
+    and in float64 across chunks, in chunk order; ``nsq`` in float64 over pixels, in pixel
+    order. The chunk fixes the rounding, so the result does not depend on the number of
+    threads: chunks are spread over ``torch.get_num_threads()`` Python threads, and their
+    results are added up in chunk order as they come. The reductions into segments
+    (``index_add_``, ``index_reduce_``) run on one thread whatever torch's setting, so
+    threads over chunks are what makes a second core useful; while they run, torch is set to
+    one thread (restored after) so that they do not each start a team of torch threads.
+
+    The ``(C, H W)`` features are read in place, a block of pixels at a time: peak added
+    memory is a few ``(_BLOCK, C)`` buffers and chunk results besides the ``(K, C)`` ones."""
     C = features.shape[0]
     X = features.reshape(C, -1)
-    lab = torch.from_numpy(labels.reshape(-1))
+    N = X.shape[1]
+    lab = torch.from_numpy(np.ascontiguousarray(labels.reshape(-1), dtype=np.int64))
     fsum = torch.zeros(K, C, dtype=torch.float64)
     nsum = torch.zeros(K, C, dtype=torch.float64)
-    nsq = torch.zeros(K, dtype=torch.float64)
     fmax = torch.full((K, C), -np.inf, dtype=torch.float32)
     fmin = torch.full((K, C), np.inf, dtype=torch.float32)
-    step = 16384
-    for s in range(0, X.shape[1], step):
-        x = X[:, s:s + step].T.to(torch.float32).contiguous()
-        l_ = lab[s:s + step]
-        fsum += torch.zeros(K, C).index_add_(0, l_, x).double()
-        xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        nsum += torch.zeros(K, C).index_add_(0, l_, xn).double()
-        nsq.index_add_(0, l_, xn.square().sum(1).double())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)       # index_reduce_ is "beta"
-            fmax.index_reduce_(0, l_, x, "amax")
-            fmin.index_reduce_(0, l_, x, "amin")
+    sq = torch.empty(N)
+    starts = range(0, N, _CHUNK)
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def chunk(s):
+        return _chunk_stats(X, lab, s, min(s + _CHUNK, N))
+
+    def add(s, stats):
+        ids, fs, ns, mx, mn, q = stats
+        fsum.index_add_(0, ids, fs.double())        # ids are distinct: one addition each
+        nsum.index_add_(0, ids, ns.double())
+        fmax[ids] = torch.maximum(fmax[ids], mx)
+        fmin[ids] = torch.minimum(fmin[ids], mn)
+        sq[s:s + len(q)] = q
+
+    if workers == 1:
+        for s in starts:
+            add(s, chunk(s))
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for s, stats in zip(starts, pool.map(chunk, starts)):
+                    add(s, stats)
+        finally:
+            torch.set_num_threads(threads)
+    nsq = torch.zeros(K, dtype=torch.float64).index_add_(0, lab, sq.double())
     return (fsum.numpy(), nsum.numpy(), nsq.numpy(), fmax.double().numpy(),
             fmin.double().numpy())
 
@@ -188,6 +280,18 @@ def _find(parent: np.ndarray, a: int) -> int:
     return a
 
 
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """The root of every element of a union-find forest (what :func:`_find` returns for each),
+    by pointer jumping over the whole array; ``parent`` is compressed to point at the roots."""
+    roots = parent.copy()
+    while True:
+        up = roots[roots]
+        if np.array_equal(up, roots):
+            parent[:] = roots
+            return roots
+        roots = up
+
+
 def merge_sweep(data: SweepData, taus: np.ndarray, beta_bnd: float = 0.0,
                 min_size: int = 50) -> list[Snapshot]:
     """Lines 3-10 of Algorithm 1, incrementally (see the module docstring)."""
@@ -202,9 +306,17 @@ def merge_sweep(data: SweepData, taus: np.ndarray, beta_bnd: float = 0.0,
         adj[a][b] = [c, g]
         adj[b][a] = [c, g]
 
-    def sim(a, b):
-        c, g = adj[a][b]
-        return float(_cos_rows(fsum[a], fsum[b])) - beta_bnd * (g / c)
+    def sims(keys):
+        """``S`` of each root pair ``(a, b)`` in ``keys``, as a list. One batched
+        :func:`_cos_rows` call: numpy reduces each row as it reduces a single vector, so the
+        values are those of a call per pair, bit for bit (merge order and ``tau_conn`` depend
+        on them)."""
+        if not keys:
+            return []
+        ab = np.array(keys, dtype=np.int64)
+        cg = np.array([adj[a][b] for a, b in keys], dtype=np.float64)
+        cos = _cos_rows(fsum[ab[:, 0]], fsum[ab[:, 1]])
+        return (cos - beta_bnd * (cg[:, 1] / cg[:, 0])).tolist()
 
     touched: set[int] = set()
 
@@ -233,25 +345,27 @@ def merge_sweep(data: SweepData, taus: np.ndarray, beta_bnd: float = 0.0,
             if not small:
                 return changed
             r = min(small, key=lambda s: (area[s], s))
-            best = max(adj[r], key=lambda nb: (float(_cos_rows(fsum[r], fsum[nb])), -nb))
+            nbs = list(adj[r])
+            cos = _cos_rows(fsum[r][None], fsum[nbs]).tolist()
+            best = max(zip(cos, nbs), key=lambda cn: (cn[0], -cn[1]))[1]
             a, b = min(r, best), max(r, best)
             join(a, b)
             changed = True
 
     snaps: list[Snapshot] = []
-    edge_sims = {(a, b): sim(a, b) for a in adj for b in adj[a] if a < b}
+    keys = [(a, b) for a in adj for b in adj[a] if a < b]
+    edge_sims = dict(zip(keys, sims(keys)))
     t = 0
     n = len(taus)
     while t < n:
         tau = float(taus[t])
         if touched:
             # only the pairs of segments that merged or grew change their similarity
+            # (deleted and re-inserted in this order: the dict's order is the merge order)
             for key in [k for k in edge_sims if k[0] in touched or k[1] in touched]:
                 del edge_sims[key]
-            for a in touched:
-                if a in adj:
-                    for b in adj[a]:
-                        edge_sims[(min(a, b), max(a, b))] = sim(a, b)
+            keys = [(min(a, b), max(a, b)) for a in touched if a in adj for b in adj[a]]
+            edge_sims.update(zip(keys, sims(keys)))
             touched.clear()
         pairs = [(a, b, s) for (a, b), s in edge_sims.items() if s > tau]
         conn = min((s for _, _, s in pairs), default=np.nan)
@@ -266,8 +380,7 @@ def merge_sweep(data: SweepData, taus: np.ndarray, beta_bnd: float = 0.0,
                     join(lo, hi)
         absorbed = absorb()
         if merged or absorbed or not snaps:
-            roots = np.array([_find(parent, k) for k in range(K0)])
-            mapping = _canonical(roots)
+            mapping = _canonical(_roots(parent))
             snaps.append(Snapshot(mapping, tau, float(conn), int(mapping.max()) + 1 if K0 else 0))
             t += 1
             continue
@@ -416,54 +529,52 @@ def level_scores(snaps: list[Snapshot], data: SweepData, tau_end: float = 0.30,
 def granularity(data: SweepData, mapping: np.ndarray, foreground: np.ndarray | None = None):
     """``(G_scale, G_sem)`` of a level (supp. eq. 4), over ``foreground`` initial segments (all
     by default, in which case ``G_scale = 1/K``). ``psi_k`` = mean over channels of the
-    feature range (max - min) within segment ``k``; ``psi`` the same over the foreground."""
-    keep = np.ones(len(mapping), bool) if foreground is None else np.asarray(foreground, bool)
-    m = mapping[keep]
+    feature range (max - min) within segment ``k``; ``psi`` the same over the foreground.
+
+    The per-level maxima and minima are grouped from the initial segments' (``data.fmax``,
+    ``data.fmin``); ``psi``'s extremes are the maxima and minima of the grouped ones (the same
+    numbers: max and min round nothing), and without ``foreground`` nothing is copied."""
+    if foreground is None:
+        m, area0, fmax0, fmin0 = mapping, data.area, data.fmax, data.fmin
+    else:
+        keep = np.asarray(foreground, bool)
+        m, area0, fmax0, fmin0 = mapping[keep], data.area[keep], data.fmax[keep], data.fmin[keep]
     ids, m = np.unique(m, return_inverse=True)
     K = len(ids)
     if K == 0:
         return float("nan"), float("nan")
-    area = np.bincount(m, weights=data.area[keep], minlength=K)
+    area = np.bincount(m, weights=area0, minlength=K)
     g_scale = float(np.mean(area / area.sum()))
-    idx = torch.from_numpy(np.ascontiguousarray(m))[:, None].expand(-1, data.fmax.shape[1])
-    fmax = torch.full((K, data.fmax.shape[1]), -np.inf, dtype=torch.float64).scatter_reduce_(
-        0, idx, torch.from_numpy(data.fmax[keep]), "amax").numpy()
-    fmin = torch.full((K, data.fmin.shape[1]), np.inf, dtype=torch.float64).scatter_reduce_(
-        0, idx, torch.from_numpy(data.fmin[keep]), "amin").numpy()
+    C = fmax0.shape[1]
+    idx = torch.from_numpy(np.ascontiguousarray(m))[:, None].expand(-1, C)
+    fmax = torch.full((K, C), -np.inf, dtype=torch.float64).scatter_reduce_(
+        0, idx, torch.from_numpy(fmax0), "amax").numpy()
+    fmin = torch.full((K, C), np.inf, dtype=torch.float64).scatter_reduce_(
+        0, idx, torch.from_numpy(fmin0), "amin").numpy()
     psi_k = (fmax - fmin).mean(1)
-    psi = float((data.fmax[keep].max(0) - data.fmin[keep].min(0)).mean())
+    psi = float((fmax.max(0) - fmin.min(0)).mean())
     g_sem = float(np.mean(np.minimum(psi_k / psi, 1.0))) if psi > 0 else 1.0
     return g_scale, g_sem
 
 
-def _adjacent_labels(data: SweepData, mapping: np.ndarray) -> set:
-    out = set()
-    for a, b in data.pairs.tolist():
-        la, lb = int(mapping[a]), int(mapping[b])
-        if la != lb:
-            out.add((min(la, lb), max(la, lb)))
-    return out
-
-
 def non_adjacent_merge(data: SweepData, mapping: np.ndarray, tau_conn: float) -> np.ndarray:
     """Lines 12-14 of Algorithm 1: merge non-adjacent segments of a level whose prototype
-    cosine exceeds ``tau_conn`` (all at once, union-find)."""
+    cosine exceeds ``tau_conn`` (all at once: the connected components of the graph of such
+    pairs, whatever the order in which they are joined)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
     K = int(mapping.max()) + 1
     fsum = _group_rows(data.fsum, mapping, K)
     norm = np.linalg.norm(fsum, axis=1, keepdims=True)
-    P = fsum / np.where(norm > 0, norm, 1.0)
-    cos = P @ P.T
-    adj = _adjacent_labels(data, mapping)
-    parent = np.arange(K)
-    ii, jj = np.nonzero(np.triu(cos > tau_conn, 1))
-    for a, b in zip(ii.tolist(), jj.tolist()):
-        if (a, b) in adj:
-            continue
-        ra, rb = _find(parent, a), _find(parent, b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([_find(parent, k) for k in range(K)])
-    return _canonical(roots[mapping])
+    P = torch.from_numpy(fsum / np.where(norm > 0, norm, 1.0))
+    # torch's product, not numpy's: with two threads, numpy's BLAS threads and torch's (which
+    # group the rows here and in granularity) would keep taking the cores from each other
+    link = np.triu((P @ P.T).numpy() > tau_conn, 1)
+    la, lb = mapping[data.pairs[:, 0]], mapping[data.pairs[:, 1]]
+    link[la, lb] = False                       # adjacent segments are not this step's
+    link[lb, la] = False
+    _, comp = connected_components(csr_matrix(link), directed=False)
+    return _canonical(comp[mapping])
 
 
 @dataclass
