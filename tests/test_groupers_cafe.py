@@ -353,13 +353,32 @@ def test_segment_sums_equal_the_plain_chunked_sums_bit_for_bit(monkeypatch, chun
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = cm._segment_sums(labels, feats, K)
+        got = cm._segment_sums(labels, feats, K, native=False)
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before
     want = _plain_segment_sums(labels, feats, K, chunk)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_segment_sums_compiled_equal_the_torch_code():
+    import segbook.groupers.cafe_merge as cm
+    from segbook.groupers import cafe_native
+    if not cafe_native.available():
+        pytest.skip("compiled kernels unavailable")
+    labels = cm._compact(voronoi(150, 121, 37, seed=3))
+    K = int(labels.max()) + 1 + 2                              # two empty segments
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(70, 150, 121, generator=g) + 0.5
+    feats[:, 0, :5] = 0
+    got = cm._segment_sums(labels, feats, K)
+    want = cm._segment_sums(labels, feats, K, native=False)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-4)        # float32 rounding (sums of 1e3)
+    assert np.array_equal(got[3], want[3]) and np.array_equal(got[4], want[4])   # max, min
+    assert np.isinf(got[3][-2:]).all()
 
 
 def test_non_adjacent_merge_equals_union_find_over_non_adjacent_pairs():

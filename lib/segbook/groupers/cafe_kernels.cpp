@@ -309,6 +309,57 @@ void cafe_feature_gradient(const float* X, int64_t C, int64_t H, int64_t W, floa
     }
 }
 
+// Per segment k and channel c (labels lab[p] in 0..K-1 for the N pixels of X, C x N):
+// fsum[c, k] = sum of X[c, p], nsum[c, k] = sum of X[c, p] * inv_norm[p] (float64, in pixel
+// order), fmax[c, k] / fmin[c, k] = max / min of X[c, p] (float32; +-inf for an empty segment).
+// Channels go to threads (so the sums do not depend on the thread count); along a channel,
+// runs of equal labels (segments are mostly contiguous along image rows) are accumulated in
+// registers and written once per run.
+void cafe_segment_stats(const float* X, int64_t C, int64_t N, const int64_t* lab, int64_t K,
+                        const float* inv_norm, double* fsum, double* nsum, float* fmax,
+                        float* fmin) {
+    const float inf = std::numeric_limits<float>::infinity();
+    constexpr int64_t CB = 8;                        // channels at once: independent chains
+    const int64_t nb = (C + CB - 1) / CB;
+#pragma omp parallel for schedule(static) if (C * N >= 65536)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t c0 = blk * CB, nc = c0 + CB <= C ? CB : C - c0;
+        for (int64_t c = c0; c < c0 + nc; ++c)
+            for (int64_t k = 0; k < K; ++k) {
+                fsum[c * K + k] = 0.0;
+                nsum[c * K + k] = 0.0;
+                fmax[c * K + k] = -inf;
+                fmin[c * K + k] = inf;
+            }
+        const float* xs[CB];
+        for (int64_t j = 0; j < CB; ++j) xs[j] = X + (c0 + (j < nc ? j : 0)) * N;
+        int64_t p = 0;
+        while (p < N) {
+            const int64_t k = lab[p];
+            double a[CB] = {0.0}, b[CB] = {0.0};
+            float hi[CB], lo[CB];
+            for (int64_t j = 0; j < CB; ++j) hi[j] = -inf, lo[j] = inf;
+            for (; p < N && lab[p] == k; ++p) {
+                const float s = inv_norm[p];
+                for (int64_t j = 0; j < CB; ++j) {
+                    const float v = xs[j][p];
+                    a[j] += v;
+                    b[j] += static_cast<double>(v * s);
+                    hi[j] = v > hi[j] ? v : hi[j];
+                    lo[j] = v < lo[j] ? v : lo[j];
+                }
+            }
+            for (int64_t j = 0; j < nc; ++j) {
+                const int64_t o = (c0 + j) * K + k;
+                fsum[o] += a[j];
+                nsum[o] += b[j];
+                fmax[o] = hi[j] > fmax[o] ? hi[j] : fmax[o];
+                fmin[o] = lo[j] < fmin[o] ? lo[j] : fmin[o];
+            }
+        }
+    }
+}
+
 // For each row r of the attention A (R x T): best[r] = argmax (lowest on a tie),
 // sums[r] = the row's sum (16 partial sums) and mins[r] = its minimum: the argmax CAFE's
 // stage 1 reads and the checks of the rows (finite, non-negative, summing to one), in one pass.

@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from segbook.groupers import cafe_native
+
 __all__ = ["Level", "MergeHierarchy", "Snapshot", "SweepData", "granularity",
            "hierarchical_merging", "level_scores", "merge_sweep", "merge_sweep_naive",
            "sweep_data", "thresholds"]
@@ -182,9 +184,16 @@ def _chunk_stats(X: torch.Tensor, lab: torch.Tensor, start: int, stop: int):
     return ids, fsum, nsum, fmax, fmin, sq
 
 
-def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int):
+def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int,
+                  native: bool | None = None):
     """Per-segment sums of raw features ``fsum`` and of unit features ``nsum``, sums of the
     squared norms of unit features ``nsq``, and per-channel ``fmax`` and ``fmin``.
+
+    With the compiled kernels (``native`` None: when available, for float32 contiguous CPU
+    features): one pass, channels over threads, float64 sums in pixel order
+    (:func:`segbook.groupers.cafe_native.segment_stats`); ``nsq`` counts the pixels whose
+    feature has a norm (1 each, 0 for a norm under 1e-12). Equal to the torch code below up to
+    float32 rounding. Otherwise:
 
     Sums are accumulated in float32 over each chunk of ``_CHUNK`` pixels (:func:`_chunk_stats`)
     and in float64 across chunks, in chunk order; ``nsq`` in float64 over pixels, in pixel
@@ -201,6 +210,13 @@ def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int):
     X = features.reshape(C, -1)
     N = X.shape[1]
     lab = torch.from_numpy(np.ascontiguousarray(labels.reshape(-1), dtype=np.int64))
+    if native is not False and cafe_native.available() and X.device.type == "cpu" \
+            and X.dtype == torch.float32 and X.is_contiguous():
+        inv, _ = cafe_native.unit_rows(X, bf16=False)
+        fsum, nsum, fmax, fmin = cafe_native.segment_stats(X, lab, K, inv)
+        nsq = torch.zeros(K, dtype=torch.float64).index_add_(0, lab, (inv < 1e12).double())
+        return (fsum.contiguous().numpy(), nsum.contiguous().numpy(), nsq.numpy(),
+                fmax.double().contiguous().numpy(), fmin.double().contiguous().numpy())
     fsum = torch.zeros(K, C, dtype=torch.float64)
     nsum = torch.zeros(K, C, dtype=torch.float64)
     fmax = torch.full((K, C), -np.inf, dtype=torch.float32)

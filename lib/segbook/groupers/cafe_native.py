@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["PoolPlan", "attention_rows", "available", "best_rows", "block_col_max",
-           "feature_gradient_sq", "gather_rows", "recheck_rows", "unit_rows"]
+           "feature_gradient_sq", "gather_rows", "recheck_rows", "segment_stats",
+           "unit_rows"]
 
 SOURCE = Path(__file__).with_name("cafe_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
@@ -86,6 +87,7 @@ _SIGNATURES = {
     "cafe_block_col_max_bf16": (None, [_p, _i64, _i64, _i64, _p]),
     "cafe_attention_rows": (None, [_p, _i64, _i64, _p, _p, _p]),
     "cafe_feature_gradient": (None, [_p, _i64, _i64, _i64, _p]),
+    "cafe_segment_stats": (None, [_p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p]),
 }
 
 
@@ -273,6 +275,28 @@ def feature_gradient_sq(features: torch.Tensor) -> torch.Tensor:
     if C and H and W:
         lib.cafe_feature_gradient(_ptr(features), C, H, W, _ptr(out))
     return out
+
+
+def segment_stats(X: torch.Tensor, labels: torch.Tensor, K: int, inv_norm: torch.Tensor):
+    """Per segment (``labels`` ``(N,)`` int64 in ``0..K-1``) of the pixels of ``X`` ``(C, N)``
+    float32: sums of the features and of the unit features (``X * inv_norm``) ``(K, C)``
+    float64, in pixel order, and per-channel max and min ``(K, C)`` float32, in one pass."""
+    lib = _library()
+    _check(X, torch.float32, "X", 2)
+    _check(labels, torch.int64, "labels", 1)
+    _check(inv_norm, torch.float32, "inv_norm", 1)
+    C, N = X.shape
+    if labels.shape[0] != N or inv_norm.shape[0] != N:
+        raise ValueError(f"labels and inv_norm need {N} entries")
+    if N and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise ValueError(f"labels must lie in 0..{K - 1}")
+    fsum = torch.empty(C, K, dtype=torch.float64)
+    nsum = torch.empty(C, K, dtype=torch.float64)
+    fmax = torch.empty(C, K, dtype=torch.float32)
+    fmin = torch.empty(C, K, dtype=torch.float32)
+    lib.cafe_segment_stats(_ptr(X), C, N, _ptr(labels), K, _ptr(inv_norm), _ptr(fsum),
+                           _ptr(nsum), _ptr(fmax), _ptr(fmin))
+    return fsum.T, nsum.T, fmax.T, fmin.T
 
 
 def block_col_max(scores: torch.Tensor, block: int) -> torch.Tensor:
