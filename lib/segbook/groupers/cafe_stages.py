@@ -426,11 +426,12 @@ def merge_operator(S: torch.Tensor, R: torch.Tensor, D: torch.Tensor, tau: float
     alive = count > 0
     group = T.argmax(dim=1)
     Dn = _unit_rows(D.double())
-    cos = Dn @ Dn.T
-    cand = (cos > tau) & (group[:, None] == group[None, :]) & alive[:, None] & alive[None, :]
-    cand = torch.triu(cand, diagonal=1)
+    # cosines only for the pairs that could merge (one group, both alive): a few, not K^2
+    same = (group[:, None] == group[None, :]) & alive[:, None] & alive[None, :]
+    i, j = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
+    cos = (Dn[i] * Dn[j]).sum(dim=1)
     uf = _UnionFind(K)
-    for a, b in cand.nonzero().tolist():
+    for a, b in zip(i[cos > tau].tolist(), j[cos > tau].tolist()):
         uf.union(a, b)
     roots = torch.tensor([uf.find(k) for k in range(K)])
     keep = sorted({int(r) for r, a in zip(roots.tolist(), alive.tolist()) if a})
