@@ -424,9 +424,9 @@ void cafe_block_col_max_bf16(const uint16_t* scores, int64_t R, int64_t K, int64
 // (their stride is the whole image, which maps them to one cache set).
 void cafe_gather_rows(const float* X, int64_t C, int64_t ldX, int64_t s, const int64_t* rows,
                       int64_t m, float* out) {
-#pragma omp parallel for schedule(static) if (m >= 512)
-    for (int64_t j0 = 0; j0 < m; j0 += 256) {
-        const int64_t j1 = j0 + 256 < m ? j0 + 256 : m;
+#pragma omp parallel for schedule(static) if (m >= 128)
+    for (int64_t j0 = 0; j0 < m; j0 += 64) {
+        const int64_t j1 = j0 + 64 < m ? j0 + 64 : m;
         for (int64_t c0 = 0; c0 < C; c0 += 8) {
             const int64_t c1 = c0 + 8 < C ? c0 + 8 : C;
             for (int64_t j = j0; j < j1; ++j) {
