@@ -41,7 +41,8 @@ Writes ``results/cpu/bench/cafe.csv`` (or ``--out``).
 The ``cafe`` rows run with the compiled reductions (column ``native``); ``--fallback`` adds
 rows with the torch code (``SEGBOOK_NATIVE=0``) for comparison.
 
-Every row is run at each ``--threads`` value (default 1 and 2, this machine's cores).
+Every row is run at each ``--threads`` value (default 1 and 2, this machine's cores); each
+``cafe`` row is the median of ``--repeat`` runs (default 3), with the range beside it.
 
     nice .venv/bin/python benchmarks/cafe.py [--channels 320 1024] [--threads 1 2]
 """
@@ -184,6 +185,21 @@ def run_cafe(C, size, grid, precision="auto"):
     }
 
 
+def median_run(C, size, grid, precision, repeats):
+    """:func:`run_cafe` ``repeats`` times; the median run's row (by ``cafe_minus_attention_s``)
+    with the range of that time and of the stage 1+2 rate over the runs (this machine's timings
+    vary by about 10% from run to run)."""
+    runs = sorted((run_cafe(C, size, grid, precision) for _ in range(max(1, repeats))),
+                  key=lambda r: r["cafe_minus_attention_s"])
+    row = dict(runs[len(runs) // 2])
+    rates = [r["achieved_gflops_stage12"] / r["matmul_gflops_bf16"] for r in runs]
+    row.update(repeats=len(runs), cafe_minus_attention_min_s=runs[0]["cafe_minus_attention_s"],
+               cafe_minus_attention_max_s=runs[-1]["cafe_minus_attention_s"],
+               stage12_share_of_matmul_min=round(min(rates), 3),
+               stage12_share_of_matmul_max=round(max(rates), 3))
+    return row
+
+
 def primitive_row(C, size, grid, chunk=CHUNK, reps=3):
     """Milliseconds per whole-image pass (``N = H W`` pixels against ``K = h w`` prototypes,
     ``chunk`` pixels at a time) of the primitives CAFE's stages 1-2 are made of: the bfloat16
@@ -253,6 +269,9 @@ def main(argv=None):
     ap.add_argument("--precision", nargs="+", default=["auto", "bfloat16_unchecked"],
                     help="CAFE(precision=...) values to run (auto: bfloat16 products with "
                          "float32 re-checks, the library default)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per cafe row; the row reported is the median run (by time "
+                         "without the attention), with the fastest and slowest beside it")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads; every row is run at each (2 = all cores here)")
     ap.add_argument("--fallback", action="store_true",
@@ -267,7 +286,8 @@ def main(argv=None):
             for native in ([True, False] if args.fallback else [True]):
                 set_native(native)
                 for precision in args.precision:
-                    new.append(run_cafe(C, tuple(args.size), tuple(args.grid), precision))
+                    new.append(median_run(C, tuple(args.size), tuple(args.grid), precision,
+                                          args.repeat))
                     print(new[-1], flush=True)
             set_native(True)
             new.append(primitive_row(C, tuple(args.size), tuple(args.grid)))
