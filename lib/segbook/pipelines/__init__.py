@@ -34,14 +34,10 @@ from segbook.pipelines.walk_and_cut import (
     segment_attention,
     walk_and_cut,
 )
-from segbook.upsamplers.labels import (
-    cosine_upsample,
-    cosine_upsample_bruteforce,
-    dot_upsample,
-    nearest_upsample,
-    segment_means,
-    upsampled_row_norms,
-)
+
+# paper 1's label upsampling, re-exported from its one list (segbook.upsamplers.labels)
+from segbook.upsamplers import labels as _labels
+from segbook.upsamplers.labels import *
 
 __all__ = [
     "GROUPERS",
@@ -55,19 +51,14 @@ __all__ = [
     "WalkAndCutResult",
     "capture_attention",
     "compare_methods",
-    "cosine_upsample",
-    "cosine_upsample_bruteforce",
-    "dot_upsample",
-    "nearest_upsample",
     "peak_memory",
     "planted_attention",
     "planted_scene",
     "resolve_device",
     "run_batch",
     "segment_attention",
-    "segment_means",
     "segment_with",
     "split_hierarchy",
-    "upsampled_row_norms",
     "walk_and_cut",
 ]
+__all__ += _labels.__all__
