@@ -278,6 +278,7 @@ class CAFE:
             t0 = time.perf_counter()
             raw = attention_guided_grouping(pix, lowres, att, D, self.alpha, self.beta,
                                             self.precision, dev, self.pool).labels
+        inv_norm = pix.inv_norm if pix.inv_norm.device.type == "cpu" else None
         del pix
         t1 = time.perf_counter()
         labels = (edge_refinement(raw, grad, self.er_majority, self.er_gradient_quantile,
@@ -288,7 +289,8 @@ class CAFE:
         hier = hierarchical_merging(labels, features, self.tau_start, self.tau_end, self.step,
                                     self.beta_bnd, self.min_size, self.top_n, self.lam,
                                     self.gap_bonus, self.gap_factor, self.gap_cost,
-                                    self.level_score, self.non_adjacent, gradient=grad)
+                                    self.level_score, self.non_adjacent, gradient=grad,
+                                    inv_norm=inv_norm)
         times["stage3"] = time.perf_counter() - t0
         return CAFEResult(hierarchy=hier, stage2_labels=np.asarray(labels),
                           stage2_raw=np.asarray(raw), dictionary_sizes=sizes, timings=times)

@@ -185,13 +185,14 @@ def _chunk_stats(X: torch.Tensor, lab: torch.Tensor, start: int, stop: int):
 
 
 def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int,
-                  native: bool | None = None):
+                  native: bool | None = None, inv_norm: torch.Tensor | None = None):
     """Per-segment sums of raw features ``fsum`` and of unit features ``nsum``, sums of the
     squared norms of unit features ``nsq``, and per-channel ``fmax`` and ``fmin``.
 
     With the compiled kernels (``native`` None: when available, for float32 contiguous CPU
     features): one pass, channels over threads, float64 sums in pixel order
-    (:func:`segbook.groupers.cafe_native.segment_stats`); ``nsq`` counts the pixels whose
+    (:func:`segbook.groupers.cafe_native.segment_stats`; ``inv_norm``, the pixels' inverse
+    norms if already computed, e.g. by stages 1-2); ``nsq`` counts the pixels whose
     feature has a norm (1 each, 0 for a norm under 1e-12). Equal to the torch code below up to
     float32 rounding. Otherwise:
 
@@ -212,7 +213,7 @@ def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int,
     lab = torch.from_numpy(np.ascontiguousarray(labels.reshape(-1), dtype=np.int64))
     if native is not False and cafe_native.available() and X.device.type == "cpu" \
             and X.dtype == torch.float32 and X.is_contiguous():
-        inv, _ = cafe_native.unit_rows(X, bf16=False)
+        inv = inv_norm if inv_norm is not None else cafe_native.unit_rows(X, bf16=False)[0]
         fsum, nsum, fmax, fmin = cafe_native.segment_stats(X, lab, K, inv)
         nsq = torch.zeros(K, dtype=torch.float64).index_add_(0, lab, (inv < 1e12).double())
         return (fsum.contiguous().numpy(), nsum.contiguous().numpy(), nsq.numpy(),
@@ -254,7 +255,8 @@ def _segment_sums(labels: np.ndarray, features: torch.Tensor, K: int,
 
 
 def sweep_data(labels: np.ndarray, features: torch.Tensor, gradient: np.ndarray | None = None,
-               keep_features: bool = False) -> SweepData:
+               keep_features: bool = False,
+               inv_norm: torch.Tensor | None = None) -> SweepData:
     """Compact the label map and gather what the sweep and the scores need (one pass)."""
     from segbook.groupers.cafe_stages import feature_gradient
     labels = _compact(np.asarray(labels))
@@ -265,7 +267,7 @@ def sweep_data(labels: np.ndarray, features: torch.Tensor, gradient: np.ndarray 
     gmax = float(grad.max()) if grad.size else 0.0
     grad = grad / gmax if gmax > 0 else np.zeros_like(grad)
     area = np.bincount(labels.ravel(), minlength=K).astype(np.int64)
-    fsum, nsum, nsq, fmax, fmin = _segment_sums(labels, features, K)
+    fsum, nsum, nsq, fmax, fmin = _segment_sums(labels, features, K, inv_norm=inv_norm)
     pairs, count, gsum = _pair_stats(labels, grad, K)
     return SweepData(labels, area, fsum, nsum, nsq, fmax, fmin, pairs, count, gsum, grad,
                      features if keep_features else None)
@@ -645,7 +647,8 @@ def hierarchical_merging(labels: np.ndarray, features: torch.Tensor, tau_start: 
                          gap_bonus: float = 0.2, gap_factor: float = 3.0,
                          gap_cost: str = "dissimilarity", score: str = "supplement",
                          non_adjacent: bool = True, gradient: np.ndarray | None = None,
-                         naive: bool = False, foreground=None) -> MergeHierarchy:
+                         naive: bool = False, foreground=None,
+                         inv_norm: torch.Tensor | None = None) -> MergeHierarchy:
     """Algorithm 1 of EASe's supplement (CAFE stage 3) on a label map and its features.
 
     Parameters are the supplement's (Table 1): ``tau_start`` 0.99, ``tau_end`` 0.30, ``step``
@@ -653,9 +656,11 @@ def hierarchical_merging(labels: np.ndarray, features: torch.Tensor, tau_start: 
     ``gap_bonus`` 0.2 at a gap of ``gap_factor`` 3; ``score`` ``"supplement"`` (eq. 3) or
     ``"ch"`` (main text); ``non_adjacent`` runs lines 12-14; ``naive`` uses
     :func:`merge_sweep_naive`. ``foreground``: ``(H, W)`` bool pixels scored by ``G`` (None:
-    all).
+    all). ``inv_norm``: the pixels' inverse feature norms ``(H W,)`` if already computed
+    (:class:`~segbook.groupers.cafe_stages.PixelFeatures` has them), so that they are not
+    computed again.
     """
-    data = sweep_data(labels, features, gradient, keep_features=naive)
+    data = sweep_data(labels, features, gradient, keep_features=naive, inv_norm=inv_norm)
     taus = thresholds(tau_start, tau_end, step)
     sweep = merge_sweep_naive if naive else merge_sweep
     snaps = sweep(data, taus, beta_bnd, min_size)

@@ -774,6 +774,7 @@ def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: 
         # argmax as it comes, the last pass (the returned labels) is re-checked
         last = it == int(iterations)
         half = 0.5 * Cm.square().sum(1)
+        neg_half = (-half).contiguous()
         Cf = PF.lowp(Cm)
         sums = torch.zeros_like(Cm, dtype=torch.float64)
         counts = torch.zeros(len(Cm), dtype=torch.float64, device=dev)
@@ -781,7 +782,7 @@ def kmeans_pp(features: torch.Tensor, k: int = 200, iterations: int = 20, seed: 
         for s, e, x in PF.chunks(fast=fast):
             if PF.native:
                 lab = _native_best(PF, s, x @ (Cf if fast else Cm).T, Cm,
-                                   bias=(-half).contiguous(), check=last)
+                                   bias=neg_half, check=last)
             elif not fast:
                 lab = (x @ Cm.T - half).max(dim=1).indices
             else:
